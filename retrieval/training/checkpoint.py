@@ -1,0 +1,114 @@
+"""Checkpoints: safetensors weights plus one JSON file with the configs, the
+training arguments and the metrics. Large tensors are stored in fp16."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+
+FORMAT = "xmr-checkpoint"
+VERSION = 1
+CONFIG = "config.json"
+IMAGE_FILE = "image.safetensors"
+TEXT_FILE = "text.safetensors"
+RERANKER_FILE = "reranker.safetensors"
+_FP16_MIN_NUMEL = 4096
+
+
+def _pack(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in state.items():
+        v = v.detach().cpu()
+        if v.is_floating_point() and v.numel() >= _FP16_MIN_NUMEL:
+            v = v.half()
+        out[k] = v.contiguous().clone()
+    return out
+
+
+def _atomic_save(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out_dir: str | os.PathLike, config: dict, dual=None, reranker=None) -> Path:
+    """Write the given parts and ``config`` (merged into an existing config.json)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = read_config(out) if (out / CONFIG).is_file() else {"format": FORMAT, "version": VERSION}
+    meta.update(config)
+    if dual is not None:
+        state = dual.state_dict()
+        keys = dual.checkpoint_keys()
+        image = {k: state[k] for k in keys if not k.startswith("text_tower.")}
+        text = {k: state[k] for k in keys if k.startswith("text_tower.")}
+        _atomic_save(_pack(image), out / IMAGE_FILE)
+        _atomic_save(_pack(text), out / TEXT_FILE)
+        meta["model"] = dual.config.to_dict()
+    if reranker is not None:
+        _atomic_save(_pack(reranker.state_dict()), out / RERANKER_FILE)
+        meta["reranker"] = reranker.config.to_dict()
+    tmp = out / (CONFIG + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, out / CONFIG)
+    return out
+
+
+def read_config(ckpt_dir: str | os.PathLike) -> dict:
+    path = Path(ckpt_dir) / CONFIG
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{ckpt_dir}: not an xmr checkpoint (no {CONFIG})") from None
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an xmr checkpoint (format {meta.get('format')!r})")
+    return meta
+
+
+def _load_into(module: torch.nn.Module, files: list[Path]) -> None:
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing; the checkpoint is incomplete, retrain or copy it again")
+        state.update(load_file(str(f)))
+    own = module.state_dict()
+    unexpected = [k for k in state if k not in own]
+    if unexpected:
+        raise CheckpointError(f"checkpoint keys do not fit the model: {unexpected[:5]}")
+    for k, v in state.items():
+        if own[k].shape != v.shape:
+            raise CheckpointError(f"checkpoint tensor {k} has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}")
+    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
+
+
+def load_dual(ckpt_dir: str | os.PathLike, pretrained_towers: bool = True):
+    from ..encoders.xmr_model import XmrDualModel, XmrModelConfig
+
+    meta = read_config(ckpt_dir)
+    if "model" not in meta:
+        raise CheckpointError(f"{ckpt_dir}: holds no dual encoder")
+    model = XmrDualModel(XmrModelConfig.from_dict(meta["model"]), pretrained=pretrained_towers)
+    _load_into(model, [Path(ckpt_dir) / IMAGE_FILE, Path(ckpt_dir) / TEXT_FILE])
+    return model.eval()
+
+
+def load_reranker(ckpt_dir: str | os.PathLike):
+    from reranker.model import CrossModalReranker, RerankerConfig
+
+    meta = read_config(ckpt_dir)
+    if "reranker" not in meta:
+        raise CheckpointError(f"{ckpt_dir}: holds no reranker")
+    model = CrossModalReranker(RerankerConfig.from_dict(meta["reranker"]))
+    _load_into(model, [Path(ckpt_dir) / RERANKER_FILE])
+    return model.eval()
