@@ -55,6 +55,202 @@ def cli(ctx, index_dir, verbose):
     ctx.obj = {"index_dir": Path(index_dir) if index_dir else default_index_dir()}
 
 
+def _open(ctx, model=None, create=False, rerank=True, reranker=None):
+    from .engine import Engine
+
+    choice = "none" if not rerank else (reranker or "auto")
+    return Engine.open(ctx.obj["index_dir"], model=model, create=create, reranker=choice,
+                       device=ctx.obj.get("device"))
+
+
+def _emit_json(obj) -> None:
+    click.echo(json.dumps(obj, ensure_ascii=False, indent=None))
+
+
+def _print_images(hits) -> None:
+    if not hits:
+        click.echo("no results")
+        return
+    for h in hits:
+        mark = "*" if h.reranked else " "
+        click.echo(f"{h.rank:>4}  {h.score:>8.4f}{mark} {h.path}")
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--model", default=None, help="Encoder for a new index: xmr-lite2 (default), a Hugging Face CLIP/SigLIP name or folder.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--threads", type=int, default=None, help="Decoding threads (default: 2 per core, at most 8).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no per-file skip messages.")
+@click.pass_context
+def index(ctx, paths, model, batch_size, threads, quiet):
+    """Index image files and folders (recursively; incremental)."""
+    import time
+
+    engine = _open(ctx, model=model, create=True)
+    bar = None
+    state = {"t0": time.time(), "done": 0}
+
+    def on_total(n):
+        nonlocal bar
+        if not quiet and n:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n, desc="embedding", unit="img", file=sys.stderr, dynamic_ncols=True)
+
+    def progress(n):
+        state["done"] += n
+        if bar:
+            bar.update(n)
+
+    def on_skip(path, reason):
+        if not quiet:
+            msg = f"skipped {path}: {reason}"
+            (bar.write(msg, file=sys.stderr) if bar else click.echo(msg, err=True))
+
+    summary = engine.index(paths, on_skip=on_skip, progress=progress, on_total=on_total,
+                           batch_size=batch_size, threads=threads)
+    if bar:
+        bar.close()
+    d = summary.to_dict()
+    rate = summary.embedded / summary.seconds if summary.seconds else 0.0
+    skipped = ", ".join(f"{n} {r}" for r, n in sorted(d["skipped"].items())) or "none"
+    click.echo(f"added {d['added']}, updated {d['updated']}, moved {d['moved']}, removed {d['removed']}, "
+               f"unchanged {d['unchanged']}; skipped: {skipped}")
+    click.echo(f"{engine.store.count_images()} images in {engine.index_dir} "
+               f"({rate:.1f} images/s embedded, {summary.seconds:.1f} s)")
+
+
+@cli.command()
+@click.argument("query")
+@click.option("-k", type=click.IntRange(1, 1000), default=10, show_default=True, help="Number of results.")
+@click.option("--no-rerank", is_flag=True, help="FAISS recall only, skip the cross-attention reranker.")
+@click.option("--rerank-k", type=click.IntRange(0, 1000), default=20, show_default=True, help="How many recalled images to rerank.")
+@click.option("--reranker", default=None, help="Another reranker: a Hugging Face BLIP ITM name or folder.")
+@click.option("--under", type=click.Path(file_okay=False), default=None, help="Only images below this folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON array.")
+@click.pass_context
+def search(ctx, query, k, no_rerank, rerank_k, reranker, under, as_json):
+    """Find images matching a text."""
+    engine = _open(ctx, rerank=not no_rerank, reranker=reranker)
+    hits = engine.search(query, k=k, rerank=not no_rerank, rerank_k=rerank_k, under=under)
+    _emit_json([h.to_dict() for h in hits]) if as_json else _print_images(hits)
+
+
+@cli.command()
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("-k", type=click.IntRange(1, 1000), default=10, show_default=True)
+@click.option("--under", type=click.Path(file_okay=False), default=None, help="Only images below this folder.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def similar(ctx, image, k, under, as_json):
+    """Find images similar to IMAGE (indexed or not)."""
+    engine = _open(ctx, rerank=False)
+    hits = engine.similar(image, k=k, under=under)
+    _emit_json([h.to_dict() for h in hits]) if as_json else _print_images(hits)
+
+
+@cli.group()
+def captions():
+    """Manage the caption collection."""
+
+
+@captions.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["auto", "flickr", "karpathy", "csv", "text"]), default="auto",
+              show_default=True)
+@click.pass_context
+def captions_import(ctx, file, fmt):
+    """Import captions: Flickr8k token file, Karpathy JSON, CSV (image,caption) or text."""
+    engine = _open(ctx.parent, create=True, rerank=False)
+    shown = [0]
+
+    def on_bad(line_no, reason):
+        shown[0] += 1
+        if shown[0] <= 20:
+            click.echo(f"skipped line {line_no}: {reason}", err=True)
+
+    result = engine.import_captions(file, fmt, on_bad)
+    click.echo(f"imported {result['imported']} captions ({result['duplicates']} already there, "
+               f"{result['malformed']} malformed lines skipped); {result['total']} in the collection")
+
+
+@cli.command()
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("-k", type=click.IntRange(1, 1000), default=5, show_default=True)
+@click.option("--no-rerank", is_flag=True)
+@click.option("--rerank-k", type=click.IntRange(0, 1000), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def caption(ctx, image, k, no_rerank, rerank_k, as_json):
+    """Best captions for IMAGE (any image file, indexed or not)."""
+    engine = _open(ctx, rerank=not no_rerank)
+    hits = engine.caption(image, k=k, rerank=not no_rerank, rerank_k=rerank_k)
+    if as_json:
+        _emit_json([h.to_dict() for h in hits])
+        return
+    for h in hits:
+        click.echo(f"{h.rank:>4}  {h.score:>8.4f}{'*' if h.reranked else ' '} {h.caption}")
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.pass_context
+def remove(ctx, paths):
+    """Remove images (files, or everything below folders) from the index."""
+    engine = _open(ctx, rerank=False)
+    n = engine.remove(paths)
+    click.echo(f"removed {n} images; {engine.store.count_images()} left")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def status(ctx, as_json):
+    """What the index holds and where it lives."""
+    from .engine import DB_NAME
+
+    index_dir = ctx.obj["index_dir"]
+    if not (Path(index_dir) / DB_NAME).is_file():
+        info = {"index_dir": str(index_dir), "images": 0, "captions": 0, "model": None, "dim": None,
+                "index_type": None, "exists": False}
+    else:
+        info = _open(ctx, rerank=True).status()
+        info["exists"] = True
+    if as_json:
+        _emit_json(info)
+        return
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        click.echo(f"{key:<{width}}  {value}")
+
+
+@cli.command("eval")
+@click.option("--dataset", required=True, type=click.Path(exists=True), help="Flickr8k folder or Karpathy JSON.")
+@click.option("--images", type=click.Path(exists=True, file_okay=False), help="Image folder of a JSON dataset.")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "dev", "test"]))
+@click.option("--model", default=None, help="Encoder to evaluate (default: xmr-lite2).")
+@click.option("--no-rerank", is_flag=True)
+@click.option("--rerank-k", type=click.IntRange(1, 1000), default=20, show_default=True)
+@click.option("--limit", type=int, default=None, help="Only the first N images of the split.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def eval_cmd(ctx, dataset, images, split, model, no_rerank, rerank_k, limit, as_json):
+    """Recall@1/5/10 both ways through the real engine (temporary index)."""
+    from .evaluation import evaluate
+
+    result = evaluate(dataset, images, split, model=model, rerank=not no_rerank, rerank_k=rerank_k,
+                      limit=limit, progress=None if as_json else _progress)
+    if as_json:
+        _emit_json(result)
+        return
+    click.echo(f"{'':8}{'R@1':>8}{'R@5':>8}{'R@10':>8}")
+    for d in ("i2t", "t2i"):
+        r = result[d]
+        click.echo(f"{d:8}{r['R@1']:>8.1f}{r['R@5']:>8.1f}{r['R@10']:>8.1f}")
+    click.echo(f"rsum {result['rsum']:.1f}  (rerank_k={result['rerank_k']}, {result['seconds']:.0f} s)")
+
+
 @cli.command()
 @click.option("--dataset", required=True, type=click.Path(exists=True),
               help="Flickr8k-layout folder or Karpathy-split JSON.")

@@ -20,7 +20,7 @@ from .dual import _autocast, encode_split
 
 log = logging.getLogger(__name__)
 
-FUSION_WEIGHTS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
+FUSION_WEIGHTS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0)
 
 
 @dataclass

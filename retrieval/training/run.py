@@ -173,7 +173,7 @@ def run_training(job: TrainJob, progress_factory=None) -> dict:
                     continue
                 ti = splits[split].text_image.cpu().numpy()
                 entry[split] = {}
-                for k in REPORT_KS:
+                for k in REPORT_KS if name == "full" else (opts.select_k,):
                     cands = rerank_candidates(rr, feats[split], k)
                     entry[split][f"K={k}"] = fused_report(cands, ti, weight)
                     if split == "dev" and k == opts.select_k:

@@ -1,0 +1,178 @@
+"""One indexing run: scan -> detect changes -> decode on worker threads ->
+embed full batches -> write rows and vectors together.
+
+The embedding model is handed in as ``embed(list_of_prepared) -> (vectors,
+tokens_or_None)`` with ``prepare(PIL image) -> model input``; this package
+knows nothing of models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from .decode import BadImage, decode_image
+from .store import Store
+from .walk import FoundFile, SkippedFile, scan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IndexSummary:
+    added: int = 0
+    updated: int = 0
+    moved: int = 0
+    unchanged: int = 0
+    removed: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    skipped_files: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def embedded(self) -> int:
+        return self.added + self.updated
+
+    def to_dict(self) -> dict:
+        return {
+            "added": self.added, "updated": self.updated, "moved": self.moved, "unchanged": self.unchanged,
+            "removed": self.removed, "skipped": dict(self.skipped), "seconds": round(self.seconds, 3),
+        }
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class _Work:
+    found: FoundFile
+    sha256: str
+    replaces: int | None  # id of the row at the same path, if any
+
+
+class Indexer:
+    def __init__(self, store: Store, prepare: Callable, embed: Callable, batch_size: int = 64,
+                 threads: int | None = None, draft_size: int | None = None):
+        self.store = store
+        self.prepare = prepare
+        self.embed = embed
+        self.batch_size = batch_size
+        self.threads = threads or min(8, (os.cpu_count() or 2) * 2)
+        self.draft_size = draft_size
+
+    def run(self, roots: Iterable[str], on_skip: Callable[[str, str], None] | None = None,
+            progress: Callable[[int], None] | None = None, on_total: Callable[[int], None] | None = None,
+            on_batch: Callable[[], None] | None = None) -> IndexSummary:
+        import time
+
+        t0 = time.time()
+        summary = IndexSummary()
+        roots = [os.path.abspath(os.fspath(r)) for r in roots]
+
+        def skip(path: str, reason: str) -> None:
+            summary.skipped[reason] += 1
+            summary.skipped_files.append((path, reason))
+            if on_skip:
+                on_skip(path, reason)
+
+        known = self.store.image_states(roots)
+        seen: set[str] = set()
+        changed: list[FoundFile] = []
+        for item in scan(roots):
+            if isinstance(item, SkippedFile):
+                skip(item.path, item.reason)
+                continue
+            seen.add(item.path)
+            state = known.get(item.path)
+            if state and state[1] == item.size and state[2] == item.mtime_ns:
+                summary.unchanged += 1
+            else:
+                changed.append(item)
+        gone = {p: known[p] for p in known if p not in seen}
+        gone_by_hash: dict[str, list[int]] = {}
+        for p, (image_id, _s, _m, sha) in gone.items():
+            gone_by_hash.setdefault(sha, []).append(image_id)
+
+        # Hash the changed files: a hash that a vanished row had is a move.
+        moved, touched, work = [], [], []
+        reused: set[int] = set()
+        with ThreadPoolExecutor(self.threads) as pool:
+            hashes = list(pool.map(_safe_hash, [f.path for f in changed]))
+        for f, sha in zip(changed, hashes):
+            if isinstance(sha, BadImage):
+                skip(f.path, sha.reason)
+                continue
+            state = known.get(f.path)
+            if state and state[3] == sha:
+                touched.append((state[0], f.size, f.mtime_ns))
+                continue
+            donors = [i for i in gone_by_hash.get(sha, []) if i not in reused]
+            if donors and not state:
+                reused.add(donors[0])
+                moved.append((donors[0], f.path, f.size, f.mtime_ns))
+                continue
+            work.append(_Work(f, sha, state[0] if state else None))
+        removed = [v[0] for v in gone.values() if v[0] not in reused]
+        self.store.write_images([], moved, touched, removed)
+        summary.moved, summary.removed = len(moved), len(removed)
+        if on_batch:
+            on_batch()
+        if on_total:
+            on_total(len(work))
+
+        # Decode on worker threads, embed and write full batches.
+        with ThreadPoolExecutor(self.threads) as pool:
+            for start in range(0, len(work), self.batch_size):
+                chunk = work[start : start + self.batch_size]
+                decoded = list(pool.map(self._decode, chunk))
+                ok = [(w, d) for w, d in zip(chunk, decoded) if not isinstance(d, BadImage)]
+                for w, d in zip(chunk, decoded):
+                    if isinstance(d, BadImage):
+                        skip(w.found.path, d.reason)
+                if ok:
+                    vectors, tokens = self.embed([d[0] for _, d in ok])
+                    rows = []
+                    for j, (w, (_, width, height)) in enumerate(ok):
+                        rows.append({
+                            "path": w.found.path, "size": w.found.size, "mtime_ns": w.found.mtime_ns,
+                            "sha256": w.sha256, "width": width, "height": height,
+                            "embedding": vectors[j], "tokens": None if tokens is None else tokens[j],
+                        })
+                    self.store.write_images(rows, [], [], [])
+                    for w, _ in ok:
+                        if w.replaces is None:
+                            summary.added += 1
+                        else:
+                            summary.updated += 1
+                    if on_batch:
+                        on_batch()
+                if progress:
+                    progress(len(chunk))
+        summary.seconds = time.time() - t0
+        return summary
+
+    def _decode(self, w: _Work):
+        try:
+            d = decode_image(w.found.path, self.draft_size)
+            return self.prepare(d.image), d.width, d.height
+        except BadImage as exc:
+            return exc
+        except Exception as exc:  # a decoder bug must not stop the run
+            return BadImage("corrupt", f"{type(exc).__name__}: {exc}")
+
+
+def _safe_hash(path: str):
+    try:
+        return file_sha256(path)
+    except OSError as exc:
+        return BadImage("unreadable", exc.strerror or str(exc))

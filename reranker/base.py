@@ -1,0 +1,37 @@
+"""The reranking stage's interface: score a few candidate pairs well."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class ImageCandidate:
+    """An image as the reranker sees it. ``tokens`` are stored region tokens
+    (when the index has them); ``load`` decodes the image when a reranker needs pixels."""
+
+    id: int | None
+    embedding: np.ndarray
+    tokens: np.ndarray | None = None
+    load: Callable[[], object] | None = None
+
+
+class Reranker(ABC):
+    name: str
+
+    @abstractmethod
+    def score_text_images(self, text: str, text_emb: np.ndarray, images: list[ImageCandidate]) -> np.ndarray:
+        """Final scores (higher is better) of one text against each image."""
+
+    @abstractmethod
+    def score_image_texts(self, image: ImageCandidate, texts: list[str], text_embs: np.ndarray) -> np.ndarray:
+        """Final scores of one image against each text."""
+
+
+def rerank_order(first_stage: np.ndarray, rerank_scores: np.ndarray) -> np.ndarray:
+    """Order of the reranked head: by rerank score, ties broken by the first stage."""
+    return np.lexsort((-first_stage, -rerank_scores))

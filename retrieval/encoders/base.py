@@ -1,0 +1,56 @@
+"""The dual-encoder interface every model in the registry implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+from PIL import Image
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """The one place where embeddings are normalised."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+class DualEncoder(ABC):
+    """Maps images and texts into one space; owns its preprocessing.
+
+    ``prepare`` runs on decoding worker threads and turns a decoded RGB image
+    into whatever the model's batch forward pass takes; ``encode_images`` and
+    ``encode_texts`` return L2-normalised float32 arrays.
+    """
+
+    name: str
+    version: str
+    dim: int
+    #: pixels on the short side the model needs (lets JPEG decoding use draft mode)
+    input_size: int = 224
+
+    @abstractmethod
+    def prepare(self, image: Image.Image):
+        ...
+
+    @abstractmethod
+    def _embed_images(self, prepared: list) -> np.ndarray:
+        ...
+
+    @abstractmethod
+    def _embed_texts(self, texts: list[str]) -> np.ndarray:
+        ...
+
+    def encode_images(self, prepared: list) -> np.ndarray:
+        if not prepared:
+            return np.zeros((0, self.dim), np.float32)
+        return l2_normalize(self._embed_images(prepared))
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        return l2_normalize(self._embed_texts(texts))
+
+    def encode_images_with_tokens(self, prepared: list) -> tuple[np.ndarray, np.ndarray | None]:
+        """Embeddings plus region tokens for the reranker (None when the model has none)."""
+        return self.encode_images(prepared), None

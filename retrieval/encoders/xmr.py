@@ -1,0 +1,125 @@
+"""The default encoder: xmr's own trained dual model (see xmr_model.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .base import DualEncoder
+from .preprocess import squash_resize
+
+log = logging.getLogger(__name__)
+
+
+def _pick_device(device: str | None):
+    import torch
+
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class XmrEncoder(DualEncoder):
+    def __init__(self, model, name: str, version: str, reranker_model=None, fusion_weight: float = 0.0,
+                 device=None, batch_size: int = 64):
+        self.model = model
+        self.name = name
+        self.version = version
+        self.dim = model.config.embed_dim
+        self.input_size = model.config.image_size
+        self.reranker_model = reranker_model
+        self.fusion_weight = fusion_weight
+        self.device = _pick_device(device)
+        self.batch_size = batch_size
+        self.model.to(self.device).eval()
+        if self.reranker_model is not None:
+            self.reranker_model.to(self.device).eval()
+        self._tokenizer = None
+
+    @classmethod
+    def from_checkpoint(cls, path: str, name: str | None = None, device: str | None = None) -> "XmrEncoder":
+        from ..training import checkpoint
+
+        meta = checkpoint.read_config(path)
+        model = checkpoint.load_dual(path)
+        reranker = checkpoint.load_reranker(path) if "reranker" in meta else None
+        digest = hashlib.sha256((Path(path) / checkpoint.CONFIG).read_bytes()).hexdigest()[:12]
+        label = name if name and "/" not in name else Path(path).name
+        return cls(model, label, digest, reranker, float(meta.get("fusion_weight", 0.0)), device)
+
+    # -- preprocessing ----------------------------------------------------------
+    def prepare(self, image: Image.Image) -> np.ndarray:
+        return squash_resize(image, self.input_size)
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            from .xmr_model import minilm_path
+
+            self._tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+        return self._tokenizer
+
+    # -- forward passes -----------------------------------------------------------
+    def _images(self, prepared: list, with_tokens: bool):
+        import torch
+
+        embs, toks = [], []
+        for s in range(0, len(prepared), self.batch_size):
+            px = torch.from_numpy(np.stack(prepared[s : s + self.batch_size])).to(self.device)
+            with torch.inference_mode(), self._autocast():
+                emb, levels = self.model.image_forward(self.model.normalize_pixels(px), with_regions=with_tokens)
+                embs.append(emb.float().cpu().numpy())
+                if with_tokens:
+                    toks.append(self.reranker_model.project_regions([lv.float() for lv in levels]).half().cpu().numpy())
+        return np.concatenate(embs), (np.concatenate(toks) if with_tokens else None)
+
+    def _autocast(self):
+        import torch
+
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cpu", enabled=False)
+
+    def _embed_images(self, prepared: list) -> np.ndarray:
+        return self._images(prepared, False)[0]
+
+    def encode_images_with_tokens(self, prepared: list):
+        if self.reranker_model is None:
+            return super().encode_images_with_tokens(prepared)
+        emb, tokens = self._images(prepared, True)
+        from .base import l2_normalize
+
+        return l2_normalize(emb), tokens
+
+    def text_states(self, texts: list[str]):
+        """(normalised embeddings, word states ``[B, L, H]``, mask ``[B, L]``) as torch tensors."""
+        import torch
+        import torch.nn.functional as F
+
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.model.config.text_max_len,
+                             return_tensors="pt")
+        ids = enc["input_ids"].to(self.device)
+        mask = enc["attention_mask"].to(self.device)
+        with torch.inference_mode(), self._autocast():
+            emb, hidden = self.model.text_forward(ids, mask)
+        return F.normalize(emb.float(), dim=-1), hidden.float(), mask
+
+    def _embed_texts(self, texts: list[str]) -> np.ndarray:
+        out = []
+        for s in range(0, len(texts), 256):
+            emb, _, _ = self.text_states(texts[s : s + 256])
+            out.append(emb.cpu().numpy())
+        return np.concatenate(out)
+
+    @property
+    def token_shape(self) -> tuple[int, int] | None:
+        if self.reranker_model is None:
+            return None
+        cfg = self.reranker_model.config
+        return (cfg.level_tokens * len(cfg.level_dims), cfg.width)

@@ -1,0 +1,343 @@
+"""The Engine: composes an encoder, the metadata store, the FAISS indexes and
+an optional reranker. Every CLI command is one call on it."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from indexer.decode import BadImage, decode_image
+from indexer.pipeline import Indexer, IndexSummary
+from indexer.store import Store
+from indexer.vectors import EXACT_LIMIT, VectorIndex, build_index
+from reranker.base import ImageCandidate, Reranker, rerank_order
+
+from .captions import read_caption_file
+from .encoders import DEFAULT_MODEL, DualEncoder, create_encoder
+from .errors import CaptionFileError, IndexNotFound, ModelMismatch, QueryError
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "xmr.db"
+MAX_K = 1000
+MAX_QUERY_CHARS = 1000
+DEFAULT_RERANK_K = 20
+
+
+@dataclass
+class ImageHit:
+    rank: int
+    score: float
+    path: str
+    id: int
+    similarity: float
+    reranked: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class CaptionHit:
+    rank: int
+    score: float
+    caption: str
+    id: int
+    source: str
+    image: str | None
+    similarity: float
+    reranked: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check_k(k: int) -> int:
+    if not isinstance(k, int) or k < 1 or k > MAX_K:
+        raise QueryError(f"k must be between 1 and {MAX_K}, got {k}")
+    return k
+
+
+def _check_query(text: str) -> str:
+    text = " ".join(str(text).split())
+    if not text:
+        raise QueryError("the query is empty; type some words describing the image you want")
+    if len(text) > MAX_QUERY_CHARS:
+        raise QueryError(f"the query is {len(text)} characters long; keep it under {MAX_QUERY_CHARS}")
+    return text
+
+
+class Engine:
+    def __init__(self, index_dir: Path, store: Store, encoder: DualEncoder, reranker: Reranker | None = None,
+                 exact_limit: int = EXACT_LIMIT):
+        self.index_dir = Path(index_dir)
+        self.store = store
+        self.encoder = encoder
+        self.reranker = reranker
+        self.exact_limit = exact_limit
+        self._indexes: dict[str, VectorIndex] = {}
+
+    # -- opening ----------------------------------------------------------------
+    @classmethod
+    def open(cls, index_dir: str | os.PathLike, model: str | None = None, create: bool = True,
+             device: str | None = None, reranker: str | None = "auto", encoder: DualEncoder | None = None) -> "Engine":
+        """Open (or create) the index in ``index_dir``.
+
+        ``model`` names the encoder when the index is created; an existing
+        index refuses another. ``reranker`` is ``"auto"`` (the model's own
+        reranker, if it has one), ``None``/``"none"``, or a Hugging Face BLIP
+        name or folder.
+        """
+        index_dir = Path(index_dir).expanduser().resolve()
+        db = index_dir / DB_NAME
+        if not db.is_file():
+            if not create:
+                raise IndexNotFound(f"no index in {index_dir}; create one with: xmr --index {index_dir} index FOLDER")
+            index_dir.mkdir(parents=True, exist_ok=True)
+        store = Store(db)
+        meta = store.get_meta()
+        stored_model = meta.get("model")
+        if stored_model and model and model != stored_model:
+            raise ModelMismatch(
+                f"the index in {index_dir} was built with model {stored_model!r}, not {model!r}; "
+                f"to switch, rebuild it: xmr --index NEW_DIR index --model {model} FOLDER"
+            )
+        name = stored_model or model or DEFAULT_MODEL
+        enc = encoder or create_encoder(name, device=device)
+        if stored_model and meta.get("model_version") and meta["model_version"] != enc.version:
+            raise ModelMismatch(
+                f"the index in {index_dir} was built with another version of {name!r} "
+                f"({meta['model_version']} vs {enc.version}); rebuild it in a new index folder"
+            )
+        if not stored_model:
+            store.set_meta(model=name, model_version=enc.version, dim=enc.dim)
+        rr = None
+        if reranker == "auto":
+            rr = _own_reranker(enc)
+        elif reranker and reranker != "none":
+            from reranker.hf_blip import BlipReranker
+
+            rr = BlipReranker(reranker[3:] if reranker.startswith("hf:") else reranker, device=device)
+        return cls(index_dir, store, enc, rr)
+
+    def close(self) -> None:
+        self.store.close()
+
+    # -- vector indexes (derived from the store) --------------------------------
+    def _index(self, name: str) -> VectorIndex:
+        """The FAISS index of ``images`` or ``captions``, rebuilt if stale."""
+        gen = self.store.generation(name)
+        cached = self._indexes.get(name)
+        if cached is not None and getattr(cached, "_generation", None) == gen:
+            return cached
+        path = self.index_dir / f"{name}.faiss"
+        index = None
+        if path.is_file():
+            try:
+                index, side = VectorIndex.load(path)
+                if side.get("generation") != gen or side.get("model") != self.encoder.name:
+                    index = None
+            except Exception as exc:  # a damaged file is rebuilt from the store
+                log.warning("rebuilding %s: %s", path.name, exc)
+                index = None
+        if index is None:
+            n = self.store.count_images() if name == "images" else self.store.count_captions()
+            index = build_index(self.encoder.dim, lambda: self.store.iter_vectors(name, self.encoder.dim), n,
+                                self.exact_limit)
+            index.save(path, {"generation": gen, "model": self.encoder.name})
+            self.store.set_meta(**{f"{name}_factory": index.spec.factory, f"{name}_params": index.spec.params})
+        index._generation = gen
+        self._indexes[name] = index
+        return index
+
+    # -- indexing ---------------------------------------------------------------
+    def index(self, paths, on_skip: Callable | None = None, progress: Callable | None = None,
+              on_total: Callable | None = None, batch_size: int = 32, threads: int | None = None) -> IndexSummary:
+        enc = self.encoder
+
+        def embed(prepared):
+            return enc.encode_images_with_tokens(prepared)
+
+        indexer = Indexer(self.store, enc.prepare, embed, batch_size=batch_size, threads=threads,
+                          draft_size=enc.input_size)
+        summary = indexer.run(paths, on_skip=on_skip, progress=progress, on_total=on_total)
+        self._index("images")
+        return summary
+
+    def remove(self, paths) -> int:
+        n = self.store.remove_paths([os.path.abspath(os.fspath(p)) for p in paths])
+        self._index("images")
+        return n
+
+    # -- captions ---------------------------------------------------------------
+    def import_captions(self, path: str | os.PathLike, fmt: str = "auto",
+                        on_bad: Callable[[int, str], None] | None = None) -> dict:
+        bad: list[tuple[int, str]] = []
+
+        def note(line_no, reason):
+            bad.append((line_no, reason))
+            if on_bad:
+                on_bad(line_no, reason)
+
+        pairs = read_caption_file(path, fmt, note)
+        if not pairs and not bad:
+            raise CaptionFileError(f"{path}: no captions found")
+        source = str(Path(path).resolve())
+        have = self.store.existing_captions(source)
+        fresh, seen = [], set()
+        for name, caption in pairs:
+            if (name, caption) in have or (name, caption) in seen:
+                continue
+            seen.add((name, caption))
+            fresh.append((name, caption))
+        for s in range(0, len(fresh), 1024):
+            chunk = fresh[s : s + 1024]
+            vecs = self.encoder.encode_texts([c for _, c in chunk])
+            self.store.add_captions(chunk, vecs, source)
+        self._index("captions")
+        return {"imported": len(fresh), "duplicates": len(pairs) - len(fresh), "malformed": len(bad),
+                "total": self.store.count_captions()}
+
+    # -- queries ----------------------------------------------------------------
+    def _allowed(self, under: str | None):
+        if under is None:
+            return None
+        folder = os.path.abspath(os.fspath(under))
+        return self.store.image_ids_under(folder)
+
+    def _image_candidates(self, ids: list[int]) -> dict[int, ImageCandidate]:
+        rows = self.store.image_rows(ids)
+        shape = getattr(self.encoder, "token_shape", None)
+        toks = self.store.tokens(ids, shape) if shape else {}
+        out = {}
+        for i in ids:
+            r = rows.get(i)
+            if r is None:
+                continue
+            out[i] = ImageCandidate(
+                i, np.frombuffer(r.embedding, np.float32), toks.get(i),
+                load=(lambda p=r.path: decode_image(p).image),
+            )
+        return out
+
+    def search(self, query: str, k: int = 10, rerank: bool = True, rerank_k: int = DEFAULT_RERANK_K,
+               under: str | None = None) -> list[ImageHit]:
+        """Text -> images."""
+        query = _check_query(query)
+        _check_k(k)
+        qvec = self.encoder.encode_texts([query])[0]
+        use_rr = rerank and self.reranker is not None and rerank_k > 0
+        n = max(k, rerank_k) if use_rr else k
+        allowed = self._allowed(under)
+        if allowed is not None and len(allowed) == 0:
+            return []
+        scores, ids = self._index("images").search(qvec, n, allowed)
+        ids, scores = ids[0], scores[0]
+        keep = ids >= 0
+        ids, scores = ids[keep].tolist(), scores[keep]
+        cands = self._image_candidates(ids)
+        ids = [i for i in ids if i in cands]
+        scores = np.array([s for i, s in zip(ids, scores) if i in cands], np.float32) if ids else scores[:0]
+        final = scores.astype(np.float64)
+        head = min(rerank_k, len(ids)) if use_rr else 0
+        if head:
+            rr = self.reranker.score_text_images(query, qvec, [cands[i] for i in ids[:head]])
+            order = rerank_order(scores[:head], rr)
+            ids = [ids[j] for j in order] + ids[head:]
+            scores = np.concatenate([scores[:head][order], scores[head:]])
+            final = np.concatenate([rr[order], scores[head:]]).astype(np.float64)
+        paths = {i: r.path for i, r in self.store.image_rows(ids[:k]).items()}
+        return [
+            ImageHit(rank + 1, float(final[rank]), paths[i], int(i), float(scores[rank]), rank < head)
+            for rank, i in enumerate(ids[:k])
+        ]
+
+    def _query_image(self, image_path: str | os.PathLike) -> ImageCandidate:
+        path = os.path.abspath(os.fspath(image_path))
+        row = self.store.image_by_path(path)
+        if row is not None:
+            shape = getattr(self.encoder, "token_shape", None)
+            toks = self.store.tokens([row.id], shape).get(row.id) if shape else None
+            return ImageCandidate(row.id, np.frombuffer(row.embedding, np.float32), toks,
+                                  load=lambda: decode_image(path).image)
+        try:
+            decoded = decode_image(path, self.encoder.input_size)
+        except BadImage as exc:
+            raise QueryError(f"{path}: cannot use this image ({exc})") from None
+        vecs, toks = self.encoder.encode_images_with_tokens([self.encoder.prepare(decoded.image)])
+        return ImageCandidate(None, vecs[0], None if toks is None else toks[0], load=lambda: decoded.image)
+
+    def similar(self, image_path: str | os.PathLike, k: int = 10, under: str | None = None) -> list[ImageHit]:
+        """Image -> similar images (the query image itself is left out)."""
+        _check_k(k)
+        q = self._query_image(image_path)
+        allowed = self._allowed(under)
+        if allowed is not None:
+            allowed = allowed[allowed != (q.id if q.id is not None else -1)]
+            if len(allowed) == 0:
+                return []
+        scores, ids = self._index("images").search(q.embedding, k + 1, allowed)
+        pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0 and i != q.id][:k]
+        paths = {i: r.path for i, r in self.store.image_rows([i for i, _ in pairs]).items()}
+        return [ImageHit(r + 1, s, paths[i], i, s, False) for r, (i, s) in enumerate(pairs) if i in paths]
+
+    def caption(self, image_path: str | os.PathLike, k: int = 5, rerank: bool = True,
+                rerank_k: int = DEFAULT_RERANK_K) -> list[CaptionHit]:
+        """Image -> best captions from the imported collection."""
+        _check_k(k)
+        if self.store.count_captions() == 0:
+            raise QueryError("no captions imported yet; run: xmr captions import FILE")
+        q = self._query_image(image_path)
+        use_rr = rerank and self.reranker is not None and rerank_k > 0
+        n = max(k, rerank_k) if use_rr else k
+        scores, ids = self._index("captions").search(q.embedding, n)
+        keep = ids[0] >= 0
+        ids, scores = ids[0][keep].tolist(), scores[0][keep]
+        rows = self.store.caption_rows(ids)
+        final = scores.astype(np.float64)
+        head = min(rerank_k, len(ids)) if use_rr else 0
+        if head:
+            texts = [rows[i].text for i in ids[:head]]
+            embs = np.stack([np.frombuffer(rows[i].embedding, np.float32) for i in ids[:head]])
+            rr = self.reranker.score_image_texts(q, texts, embs)
+            order = rerank_order(scores[:head], rr)
+            ids = [ids[j] for j in order] + ids[head:]
+            scores = np.concatenate([scores[:head][order], scores[head:]])
+            final = np.concatenate([rr[order], scores[head:]]).astype(np.float64)
+        return [
+            CaptionHit(r + 1, float(final[r]), rows[i].text, int(i), rows[i].source, rows[i].image_name,
+                       float(scores[r]), r < head)
+            for r, i in enumerate(ids[:k])
+        ]
+
+    # -- facts ------------------------------------------------------------------
+    def status(self) -> dict:
+        meta = self.store.get_meta()
+        images = self._index("images")
+        return {
+            "index_dir": str(self.index_dir),
+            "images": self.store.count_images(),
+            "captions": self.store.count_captions(),
+            "model": meta.get("model"),
+            "model_version": meta.get("model_version"),
+            "dim": int(meta.get("dim", self.encoder.dim)),
+            "index_type": images.spec.factory,
+            "search_params": images.spec.params,
+            "gpu": images.use_gpu,
+            "reranker": self.reranker.name if self.reranker else None,
+            "schema_version": int(meta.get("schema_version", 0)),
+        }
+
+
+def _own_reranker(enc: DualEncoder) -> Reranker | None:
+    model = getattr(enc, "reranker_model", None)
+    if model is None:
+        return None
+    from reranker.xmr import XmrReranker
+
+    return XmrReranker(model, enc.text_states, enc.fusion_weight)

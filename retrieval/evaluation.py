@@ -1,0 +1,68 @@
+"""The standard 1K-test protocol run through the real engine: index the
+split's images into a temporary index, import their captions, query both ways."""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .datasets import load_dataset, split_records
+from .engine import Engine
+from .metrics import recalls
+
+MISS = 10**9
+
+
+def evaluate(dataset, images=None, split: str = "test", model: str | None = None, rerank: bool = True,
+             rerank_k: int = 20, limit: int | None = None, progress=None, k: int = 10) -> dict:
+    t0 = time.time()
+    records = split_records(load_dataset(dataset, images), split)
+    if limit:
+        records = records[:limit]
+    paths = [os.path.abspath(r.path) for r in records]
+    with tempfile.TemporaryDirectory(prefix="xmr-eval-") as tmp:
+        engine = Engine.open(Path(tmp) / "index", model=model, create=True, reranker="auto" if rerank else "none")
+        bar = progress(f"indexing {split}", len(paths)) if progress else None
+        summary = engine.index(paths, progress=bar.update if bar else None)
+        if bar:
+            bar.close()
+        if summary.skipped:
+            raise RuntimeError(f"{sum(summary.skipped.values())} dataset images could not be indexed: {dict(summary.skipped)}")
+        cap_file = Path(tmp) / "captions.csv"
+        with open(cap_file, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            for r in records:
+                for c in r.captions:
+                    w.writerow([r.filename, c])
+        engine.import_captions(cap_file, "csv")
+        use_rr = rerank and engine.reranker is not None
+        n_queries = len(records) + sum(len(r.captions) for r in records)
+        bar = progress("querying", n_queries) if progress else None
+        i2t = []
+        for r, path in zip(records, paths):
+            hits = engine.caption(path, k=k, rerank=use_rr, rerank_k=rerank_k)
+            i2t.append(next((h.rank - 1 for h in hits if h.image == r.filename), MISS))
+            if bar:
+                bar.update(1)
+        t2i = []
+        for r, path in zip(records, paths):
+            for c in r.captions:
+                hits = engine.search(c, k=k, rerank=use_rr, rerank_k=rerank_k)
+                t2i.append(next((h.rank - 1 for h in hits if h.path == path), MISS))
+                if bar:
+                    bar.update(1)
+        if bar:
+            bar.close()
+        engine.close()
+    i2t_r = recalls(np.array(i2t))
+    t2i_r = recalls(np.array(t2i))
+    return {
+        "i2t": i2t_r, "t2i": t2i_r, "rsum": sum(i2t_r.values()) + sum(t2i_r.values()),
+        "rerank_k": rerank_k if use_rr else 0, "images": len(records), "captions": len(t2i),
+        "model": engine.encoder.name, "seconds": time.time() - t0,
+    }
