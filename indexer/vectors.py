@@ -45,7 +45,7 @@ def choose_spec(n_vectors: int, exact_limit: int = EXACT_LIMIT) -> IndexSpec:
         return IndexSpec("IDMap2,Flat")
     nlist = int(2 ** round(math.log2(4 * math.sqrt(n_vectors))))
     nlist = max(64, min(nlist, 65536))
-    nprobe = max(16, nlist // 8)
+    nprobe = max(16, nlist // 4)
     return IndexSpec(f"IVF{nlist},Flat", {"nprobe": nprobe})
 
 

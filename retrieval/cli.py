@@ -55,9 +55,17 @@ def cli(ctx, index_dir, verbose):
     ctx.obj = {"index_dir": Path(index_dir) if index_dir else default_index_dir()}
 
 
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def _open(ctx, model=None, create=False, rerank=True, reranker=None):
     from .engine import Engine
 
+    _quiet_transformers()
     choice = "none" if not rerank else (reranker or "auto")
     return Engine.open(ctx.obj["index_dir"], model=model, create=create, reranker=choice,
                        device=ctx.obj.get("device"))
@@ -239,6 +247,7 @@ def eval_cmd(ctx, dataset, images, split, model, no_rerank, rerank_k, limit, as_
     """Recall@1/5/10 both ways through the real engine (temporary index)."""
     from .evaluation import evaluate
 
+    _quiet_transformers()
     result = evaluate(dataset, images, split, model=model, rerank=not no_rerank, rerank_k=rerank_k,
                       limit=limit, progress=None if as_json else _progress)
     if as_json:

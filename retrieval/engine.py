@@ -107,7 +107,7 @@ class Engine:
                 f"the index in {index_dir} was built with model {stored_model!r}, not {model!r}; "
                 f"to switch, rebuild it: xmr --index NEW_DIR index --model {model} FOLDER"
             )
-        name = stored_model or model or DEFAULT_MODEL
+        name = stored_model or model or (encoder.name if encoder else DEFAULT_MODEL)
         enc = encoder or create_encoder(name, device=device)
         if stored_model and meta.get("model_version") and meta["model_version"] != enc.version:
             raise ModelMismatch(

@@ -160,7 +160,7 @@ def train_dual(model, train: SplitData, dev: SplitData, opts: DualTrainOptions, 
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             optim.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             step += 1
             if progress:
                 progress(epoch, b, steps_per_epoch, losses[-1])

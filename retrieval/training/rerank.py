@@ -155,7 +155,7 @@ def train_reranker(reranker, train: Features, dev: Features, opts: RerankTrainOp
             loss.backward()
             torch.nn.utils.clip_grad_norm_(reranker.parameters(), 2.0)
             optim.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             step += 1
             if progress:
                 progress(epoch, b, steps_per_epoch, losses[-1])

@@ -1,0 +1,48 @@
+"""A tiny deterministic encoder for fast engine tests: colour statistics for
+images, a hashed bag of words for texts. It counts its forward passes."""
+
+import hashlib
+
+import numpy as np
+from PIL import Image
+
+from retrieval.encoders.base import DualEncoder
+
+COLORS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220), "white": (240, 240, 240)}
+
+
+class FakeEncoder(DualEncoder):
+    name = "fake"
+    version = "1"
+    dim = 16
+    input_size = 16
+
+    def __init__(self):
+        self.images_embedded = 0
+
+    def prepare(self, image: Image.Image):
+        return np.asarray(image.convert("RGB").resize((16, 16)), np.float32) / 255.0
+
+    def _color_vec(self, rgb) -> np.ndarray:
+        v = np.zeros(self.dim, np.float32)
+        v[:3] = rgb
+        v[3] = 0.05
+        return v
+
+    def _embed_images(self, prepared):
+        self.images_embedded += len(prepared)
+        return np.stack([self._color_vec(p.reshape(-1, 3).mean(0)) for p in prepared])
+
+    def _embed_texts(self, texts):
+        out = []
+        for t in texts:
+            v = np.zeros(self.dim, np.float32)
+            for word in t.lower().split():
+                if word in COLORS:
+                    v += self._color_vec(np.array(COLORS[word]) / 255.0)
+                else:
+                    h = int(hashlib.md5(word.encode()).hexdigest(), 16)
+                    v[4 + h % 12] += 0.1
+            v[3] += 0.01
+            out.append(v)
+        return np.stack(out)

@@ -1,0 +1,81 @@
+"""End-to-end CLI tests with the real default model on flickr8k-mini."""
+
+import json
+import os
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from retrieval.cli import cli
+
+COMMANDS = ["index", "search", "similar", "captions", "caption", "remove", "status", "eval", "train"]
+
+
+def run(args, index_dir, ok=True):
+    res = CliRunner().invoke(cli, ["--index", str(index_dir)] + args, catch_exceptions=False)
+    if ok:
+        assert res.exit_code == 0, res.output
+    return res
+
+
+def test_every_command_has_help():
+    for name in COMMANDS:
+        res = CliRunner().invoke(cli, [name, "--help"])
+        assert res.exit_code == 0 and "Usage" in res.output, name
+    assert CliRunner().invoke(cli, ["captions", "import", "--help"]).exit_code == 0
+
+
+def test_status_of_missing_index(tmp_path):
+    res = run(["status", "--json"], tmp_path / "none")
+    info = json.loads(res.output)
+    assert info["images"] == 0 and info["exists"] is False
+
+
+def test_search_on_missing_index_says_how_to_create(tmp_path):
+    res = run(["search", "a dog"], tmp_path / "none", ok=False)
+    assert res.exit_code != 0 and "xmr --index" in res.output
+
+
+@pytest.mark.slow
+def test_full_cli_flow(tmp_path, mini_images, mini_dataset):
+    idx = tmp_path / "index"
+    res = run(["index", str(mini_images)], idx)
+    assert "added 32" in res.output
+    res = run(["index", str(mini_images)], idx)
+    assert "added 0" in res.output and "unchanged 32" in res.output
+
+    res = run(["search", "a dog running on the grass", "-k", "5", "--json"], idx)
+    hits = json.loads(res.output)
+    assert [h["rank"] for h in hits] == [1, 2, 3, 4, 5]
+    assert all(os.path.isabs(h["path"]) and isinstance(h["score"], float) for h in hits)
+    assert hits[0]["reranked"] is True
+    scores = [h["score"] for h in hits]
+    assert scores == sorted(scores, reverse=True)
+    plain = json.loads(run(["search", "a dog running on the grass", "-k", "5", "--json", "--no-rerank"], idx).output)
+    assert all(h["reranked"] is False for h in plain)
+
+    tokens = mini_dataset / "Flickr8k_text" / "Flickr8k.token.txt"
+    res = run(["captions", "import", str(tokens)], idx)
+    assert "imported 160" in res.output
+
+    # image -> captions: the photo's own captions should rank high among 160
+    name = sorted(os.listdir(mini_images))[0]
+    own = {ln.split("\t", 1)[1].strip() for ln in tokens.read_text().splitlines() if ln.startswith(name + "#")}
+    caps = json.loads(run(["caption", str(mini_images / name), "-k", "5", "--json"], idx).output)
+    assert len(caps) == 5 and all("caption" in c for c in caps)
+    assert own & {c["caption"] for c in caps}
+
+    sim = json.loads(run(["similar", str(mini_images / name), "-k", "3", "--json"], idx).output)
+    assert len(sim) == 3 and all(h["path"] != str(mini_images / name) for h in sim)
+
+    status = json.loads(run(["status", "--json"], idx).output)
+    assert status["images"] == 32 and status["captions"] == 160
+    assert status["model"] == "xmr-lite2" and status["dim"] == 256 and status["index_type"] == "IDMap2,Flat"
+
+    res = run(["remove", str(mini_images / name)], idx)
+    assert "removed 1" in res.output
+    status = json.loads(run(["status", "--json"], idx).output)
+    assert status["images"] == 31
+    human = run(["search", "people", "-k", "2"], idx).output
+    assert str(mini_images) in human

@@ -1,0 +1,186 @@
+"""Engine behaviour with a fake encoder: incremental indexing, bad input,
+filters, model checks. Fast, no model weights."""
+
+import os
+import shutil
+import struct
+import zlib
+
+import numpy as np
+import pytest
+
+from retrieval.engine import Engine
+from retrieval.errors import ModelMismatch, QueryError
+
+from .conftest import make_image
+from .fakes import COLORS, FakeEncoder
+
+
+def open_engine(tmp_path, encoder=None):
+    return Engine.open(tmp_path / "index", create=True, reranker="none", encoder=encoder or FakeEncoder())
+
+
+@pytest.fixture
+def photos(tmp_path):
+    root = tmp_path / "photos"
+    for name, color in COLORS.items():
+        make_image(root / f"{name}.jpg", color)
+    make_image(root / "sub" / "red2.png", COLORS["red"], fmt="PNG")
+    return root
+
+
+def test_index_search_and_noop_reindex(tmp_path, photos):
+    eng = open_engine(tmp_path)
+    s = eng.index([photos])
+    assert (s.added, s.updated, s.removed) == (5, 0, 0)
+    hits = eng.search("red", k=2)
+    assert {os.path.basename(h.path) for h in hits} == {"red.jpg", "red2.png"}
+    assert hits[0].rank == 1 and hits[0].score >= hits[1].score
+    enc = eng.encoder
+    before = enc.images_embedded
+    s2 = eng.index([photos])
+    assert s2.unchanged == 5 and s2.added == 0 and enc.images_embedded == before
+
+
+def test_moved_file_reuses_vector_and_deleted_file_leaves(tmp_path, photos):
+    eng = open_engine(tmp_path)
+    eng.index([photos])
+    old_id = eng.store.image_by_path(str(photos / "blue.jpg")).id
+    before = eng.encoder.images_embedded
+    (photos / "moved").mkdir()
+    shutil.move(photos / "blue.jpg", photos / "moved" / "blue-renamed.jpg")
+    os.remove(photos / "white.jpg")
+    s = eng.index([photos])
+    assert (s.moved, s.removed, s.added) == (1, 1, 0)
+    assert eng.encoder.images_embedded == before  # no model work for a move
+    row = eng.store.image_by_path(str(photos / "moved" / "blue-renamed.jpg"))
+    assert row is not None and row.id == old_id
+    assert eng.store.count_images() == 4
+    assert eng._index("images").ntotal == 4
+    hits = eng.search("white", k=4)
+    assert all("white.jpg" not in h.path for h in hits)
+
+
+def test_changed_file_is_reembedded(tmp_path, photos):
+    eng = open_engine(tmp_path)
+    eng.index([photos])
+    make_image(photos / "red.jpg", COLORS["green"])
+    os.utime(photos / "red.jpg", ns=(1, 10**18))
+    s = eng.index([photos])
+    assert s.updated == 1
+    hits = eng.search("green", k=2)
+    assert {os.path.basename(h.path) for h in hits} == {"green.jpg", "red.jpg"}
+
+
+def _png_header_only(path, width, height):
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+def test_bad_input_is_skipped_with_reasons(tmp_path, photos):
+    eng = open_engine(tmp_path)
+    eng.index([photos])
+    bad = photos / "bad"
+    bad.mkdir()
+    good = (photos / "red.jpg").read_bytes()
+    (bad / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (bad / "empty.jpg").write_bytes(b"")
+    (bad / "text.jpg").write_text("this is not an image\n")
+    _png_header_only(bad / "bomb.png", 30000, 30000)
+    os.symlink(bad / "nowhere.jpg", bad / "broken.jpg")
+    os.symlink("loop2.jpg", bad / "loop1.jpg")
+    os.symlink("loop1.jpg", bad / "loop2.jpg")
+    os.symlink(bad, bad / "dirloop")  # directory symlink loop: not followed
+    weird = os.path.join(os.fsencode(bad), b"caf\xe9.jpg")
+    with open(weird, "wb") as f:
+        f.write(good)
+    skipped = []
+    s = eng.index([photos], on_skip=lambda p, r: skipped.append((os.path.basename(p), r)))
+    reasons = dict(skipped)
+    assert reasons["truncated.jpg"] in ("truncated", "corrupt")
+    assert reasons["empty.jpg"] == "empty file"
+    assert reasons["text.jpg"] == "not an image"
+    assert reasons["bomb.png"] == "decompression bomb"
+    assert reasons["broken.jpg"] == "broken symlink"
+    assert reasons["loop1.jpg"] == "symlink loop"
+    assert any(r == "non-UTF-8 file name" for _, r in skipped)
+    assert s.added == 0 and eng.store.count_images() == 5  # nothing lost
+    assert len(eng.search("red", k=5)) == 5
+
+
+def test_under_filter_restricts_inside_recall(tmp_path, photos):
+    eng = open_engine(tmp_path)
+    eng.index([photos])
+    hits = eng.search("red", k=5, under=str(photos / "sub"))
+    assert [os.path.basename(h.path) for h in hits] == ["red2.png"]
+    hits = eng.similar(photos / "red.jpg", k=5, under=str(photos / "sub"))
+    assert [os.path.basename(h.path) for h in hits] == ["red2.png"]
+
+
+def test_similar_leaves_out_the_query(tmp_path, photos):
+    eng = open_engine(tmp_path)
+    eng.index([photos])
+    hits = eng.similar(photos / "red.jpg", k=3)
+    assert os.path.basename(hits[0].path) == "red2.png"
+    assert all(not h.path.endswith("/red.jpg") for h in hits)
+
+
+def test_remove_really_removes(tmp_path, photos):
+    eng = open_engine(tmp_path)
+    eng.index([photos])
+    assert eng.remove([photos / "sub"]) == 1
+    assert eng._index("images").ntotal == 4
+    assert all("red2" not in h.path for h in eng.search("red", k=10))
+
+
+def test_model_mismatch_is_refused(tmp_path, photos):
+    eng = open_engine(tmp_path)
+    eng.index([photos])
+    eng.close()
+    with pytest.raises(ModelMismatch, match="rebuild"):
+        Engine.open(tmp_path / "index", model="xmr-lite2", reranker="none", encoder=FakeEncoder())
+    other = FakeEncoder()
+    other.version = "2"
+    with pytest.raises(ModelMismatch):
+        Engine.open(tmp_path / "index", reranker="none", encoder=other)
+
+
+def test_nonsense_queries_are_refused(tmp_path, photos):
+    eng = open_engine(tmp_path)
+    eng.index([photos])
+    with pytest.raises(QueryError):
+        eng.search("   ")
+    with pytest.raises(QueryError):
+        eng.search("x" * 5000)
+    with pytest.raises(QueryError):
+        eng.search("red", k=0)
+    assert len(eng.search("@@@ ### ???", k=3)) == 3
+
+
+def test_captions_import_formats_and_lookup(tmp_path, photos):
+    eng = open_engine(tmp_path)
+    eng.index([photos])
+    csv_file = tmp_path / "caps.csv"
+    csv_file.write_text('image,caption\nred.jpg,"a red, red square"\nbroken-line\ngreen.jpg,a green field\n')
+    res = eng.import_captions(csv_file)
+    assert res["imported"] == 2 and res["malformed"] == 1
+    again = eng.import_captions(csv_file)
+    assert again["imported"] == 0 and again["duplicates"] == 2
+    txt = tmp_path / "caps.txt"
+    txt.write_text("blue sky\n\nwhite snow\n")
+    assert eng.import_captions(txt)["imported"] == 2
+    hits = eng.caption(photos / "blue.jpg", k=1)
+    assert hits[0].caption == "blue sky"
+
+
+def test_index_files_are_rebuilt_when_stale_or_damaged(tmp_path, photos):
+    eng = open_engine(tmp_path)
+    eng.index([photos])
+    eng.close()
+    (tmp_path / "index" / "images.faiss").write_bytes(b"garbage")
+    eng2 = open_engine(tmp_path)
+    assert eng2._index("images").ntotal == 5
+    assert len(eng2.search("red", k=2)) == 2

@@ -1,0 +1,159 @@
+"""The reranker, its losses, metrics and checkpoints; a training smoke test."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from reranker.base import rerank_order
+from reranker.losses import matching_loss, mine_hard_negatives, ranking_loss, sample_negatives
+from reranker.model import CrossModalReranker, RerankerConfig
+from retrieval.metrics import apply_rerank, i2t_ranks, retrieval_report, t2i_ranks
+
+
+def _inputs(b=3, levels=(40, 12), n=9, words=5, d=16):
+    torch.manual_seed(0)
+    lv = [torch.randn(b, n, c) for c in levels]
+    w = torch.randn(b, words, 24)
+    mask = torch.ones(b, words, dtype=torch.long)
+    mask[0, 3:] = 0
+    e = torch.nn.functional.normalize(torch.randn(b, d), dim=-1)
+    return lv, w, mask, e
+
+
+CFG = dict(level_dims=[40, 12], level_tokens=9, word_dim=24, global_dim=16, width=32, heads=4, layers=2, dropout=0.0)
+
+
+@pytest.mark.parametrize("change", [{}, {"two_way": False}, {"use_region_level": False}, {"use_word_level": False},
+                                    {"use_global_level": False}])
+def test_reranker_variants_score_pairs(change):
+    model = CrossModalReranker(RerankerConfig(**CFG, **change)).eval()
+    lv, w, mask, e = _inputs()
+    out = model(model.project_regions(lv), w, mask, e, e)
+    assert out.shape == (3,) and torch.isfinite(out).all()
+
+
+def test_padding_words_do_not_change_the_score():
+    model = CrossModalReranker(RerankerConfig(**CFG)).eval()
+    lv, w, mask, e = _inputs()
+    r = model.project_regions(lv)
+    a = model(r, w, mask, e, e)
+    w2 = w.clone()
+    w2[0, 3:] = 100.0  # garbage in padded positions
+    b = model(r, w2, mask, e, e)
+    torch.testing.assert_close(a, b)
+
+
+def test_batch_independence():
+    model = CrossModalReranker(RerankerConfig(**CFG)).eval()
+    lv, w, mask, e = _inputs()
+    r = model.project_regions(lv)
+    full = model(r, w, mask, e, e)
+    one = model(r[1:2], w[1:2], mask[1:2], e[1:2], e[1:2])
+    torch.testing.assert_close(full[1:2], one, atol=1e-5, rtol=1e-5)
+
+
+def test_all_levels_off_is_refused():
+    with pytest.raises(ValueError):
+        CrossModalReranker(RerankerConfig(**{**CFG, "use_global_level": False, "use_region_level": False,
+                                             "use_word_level": False}))
+
+
+def test_hard_negative_mining_excludes_positives():
+    sim = torch.tensor([[0.9, 0.8, 0.1, 0.5], [0.2, 0.95, 0.7, 0.3]])
+    pos = torch.tensor([[True, False, False, False], [False, True, False, False]])
+    pools = mine_hard_negatives(sim, pos, 2)
+    assert pools.tolist() == [[1, 3], [2, 3]]
+    g = torch.Generator().manual_seed(0)
+    picks = sample_negatives(pools, 2, g)
+    assert sorted(picks[0].tolist()) == [1, 3]
+
+
+def test_losses_prefer_correct_order():
+    pos = torch.tensor([5.0, 4.0])
+    neg = torch.tensor([[-5.0, -4.0], [-3.0, -6.0]])
+    assert matching_loss(pos, neg.reshape(-1)) < matching_loss(-pos, -neg.reshape(-1))
+    assert ranking_loss(pos, neg) < ranking_loss(-pos, -neg)
+
+
+def test_recall_metrics_against_hand_computed():
+    # 2 images, 4 captions (2 each); image 0 finds its caption first, image 1 third.
+    text_image = np.array([0, 0, 1, 1])
+    sim = np.array([[0.9, 0.1, 0.5, 0.2], [0.8, 0.7, 0.3, 0.6]])
+    assert i2t_ranks(sim, text_image).tolist() == [0, 2]
+    assert t2i_ranks(sim, text_image).tolist() == [0, 1, 1, 0]
+    rep = retrieval_report(sim, text_image)
+    assert rep["i2t"]["R@1"] == 50.0 and rep["i2t"]["R@5"] == 100.0 and rep["t2i"]["R@1"] == 50.0
+    lifted = apply_rerank(sim, np.array([1]), np.array([3]), np.array([-2.0]))
+    assert i2t_ranks(lifted, text_image).tolist() == [0, 0]
+
+
+def test_rerank_order_breaks_ties_by_first_stage():
+    assert rerank_order(np.array([0.1, 0.9, 0.5]), np.array([1.0, 1.0, 2.0])).tolist() == [2, 1, 0]
+
+
+def test_checkpoint_roundtrip(tmp_path):
+    from retrieval.training import checkpoint
+
+    model = CrossModalReranker(RerankerConfig(**CFG)).eval()
+    checkpoint.save_checkpoint(tmp_path, {"fusion_weight": 3.0}, reranker=model)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    assert meta["format"] == "xmr-checkpoint" and meta["fusion_weight"] == 3.0
+    loaded = checkpoint.load_reranker(tmp_path)
+    lv, w, mask, e = _inputs()
+    a = model(model.project_regions(lv), w, mask, e, e)
+    b = loaded(loaded.project_regions(lv), w, mask, e, e)
+    torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)  # large tensors are stored in fp16
+
+
+def test_default_model_ships_and_loads_offline():
+    from retrieval.encoders import builtin_models, create_encoder
+
+    assert "xmr-lite2" in builtin_models()
+    size = sum(f.stat().st_size for f in builtin_models()["xmr-lite2"].iterdir())
+    assert size < 40 * 1024 * 1024
+    enc = create_encoder("xmr-lite2", device="cpu")
+    v = enc.encode_texts(["a dog", "a dog", "two people climbing a mountain"])
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    assert v[0] @ v[1] > 0.999 and v[0] @ v[2] < 0.9
+
+
+@pytest.mark.slow
+def test_full_size_photos_score_like_the_224_copies(mini_dataset, flickr8k):
+    """The mini set holds full-size originals of 32 test photos; the squashed
+    224-pixel copies are in flickr8k. Their embeddings must agree."""
+    from indexer.decode import decode_image
+    from retrieval.encoders import create_encoder
+
+    enc = create_encoder("xmr-lite2", device="cpu")
+    names = sorted(p.name for p in (mini_dataset / "Flicker8k_Dataset").iterdir())[:8]
+    full = enc.encode_images([enc.prepare(decode_image(mini_dataset / "Flicker8k_Dataset" / n).image) for n in names])
+    small = enc.encode_images([enc.prepare(decode_image(flickr8k / "Flicker8k_Dataset" / n).image) for n in names])
+    cos = (full * small).sum(1)
+    assert cos.min() > 0.9, cos
+    # and each original is closest to its own copy
+    assert ((full @ small.T).argmax(1) == np.arange(len(names))).all()
+
+
+@pytest.mark.slow
+def test_training_smoke(tmp_path, flickr8k):
+    from click.testing import CliRunner
+
+    from retrieval.cli import cli
+
+    out = tmp_path / "ckpt"
+    res = CliRunner().invoke(cli, ["train", "--dataset", str(flickr8k), "--out", str(out), "--image-tower",
+                                   "efficientnet-lite0", "--limit", "8", "--epochs", "1", "--batch-size", "8",
+                                   "--rerank-epochs", "1", "--rerank-width", "32", "--rerank-layers", "1",
+                                   "--threads", "2", "--device", "cpu"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["model"]["image_tower"] == "efficientnet-lite0" and "reranker" in meta
+    report = json.loads((out / "report.json").read_text())
+    assert report["job"]["limit"] == 8 and "dual_dev" in report and "full" in report["rerank"]
+    # the checkpoint is usable as an engine model
+    from retrieval.encoders import create_encoder
+
+    enc = create_encoder(str(out), device="cpu")
+    assert enc.dim == 256 and enc.reranker_model is not None
