@@ -95,7 +95,7 @@ class Store:
         self.path = Path(db_path)
         self.schema_version = schema_version
         self.migrations = MIGRATIONS if migrations is None else migrations
-        self.engine = create_engine(f"sqlite:///{self.path}", future=True)
+        self.engine = create_engine(f"sqlite:///{self.path}", connect_args={"check_same_thread": False})
 
         @event.listens_for(self.engine, "connect")
         def _pragmas(dbapi_conn, _record):

@@ -125,8 +125,8 @@ def index(ctx, paths, model, batch_size, threads, quiet):
     skipped = ", ".join(f"{n} {r}" for r, n in sorted(d["skipped"].items())) or "none"
     click.echo(f"added {d['added']}, updated {d['updated']}, moved {d['moved']}, removed {d['removed']}, "
                f"unchanged {d['unchanged']}; skipped: {skipped}")
-    click.echo(f"{engine.store.count_images()} images in {engine.index_dir} "
-               f"({rate:.1f} images/s embedded, {summary.seconds:.1f} s)")
+    speed = f"{rate:.1f} images/s embedded" if summary.embedded else "nothing to embed"
+    click.echo(f"{engine.store.count_images()} images in {engine.index_dir} ({speed}, {summary.seconds:.1f} s)")
 
 
 @cli.command()
@@ -231,6 +231,21 @@ def status(ctx, as_json):
     width = max(len(k) for k in info)
     for key, value in info.items():
         click.echo(f"{key:<{width}}  {value}")
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 exposes it to the network).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.pass_context
+def serve(ctx, host, port):
+    """Serve the JSON API and the search page."""
+    import uvicorn
+
+    from .server import create_app
+
+    engine = _open(ctx, rerank=True)
+    click.echo(f"xmr serving {engine.index_dir} on http://{host}:{port}/ (API docs at /docs)", err=True)
+    uvicorn.run(create_app(engine), host=host, port=port, log_level="warning")
 
 
 @cli.command("eval")

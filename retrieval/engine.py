@@ -286,6 +286,17 @@ class Engine:
         paths = {i: r.path for i, r in self.store.image_rows([i for i, _ in pairs]).items()}
         return [ImageHit(r + 1, s, paths[i], i, s, False) for r, (i, s) in enumerate(pairs) if i in paths]
 
+    def image_path(self, image_id: int) -> str | None:
+        """Path of an indexed image, or None when the id is not in the index."""
+        rows = self.store.image_rows([int(image_id)])
+        return rows[int(image_id)].path if int(image_id) in rows else None
+
+    def similar_id(self, image_id: int, k: int = 10, under: str | None = None) -> list[ImageHit]:
+        path = self.image_path(image_id)
+        if path is None:
+            raise QueryError(f"no image with id {image_id} in the index")
+        return self.similar(path, k=k, under=under)
+
     def caption(self, image_path: str | os.PathLike, k: int = 5, rerank: bool = True,
                 rerank_k: int = DEFAULT_RERANK_K) -> list[CaptionHit]:
         """Image -> best captions from the imported collection."""

@@ -1,0 +1,83 @@
+"""End-to-end indexing speed: decode, encode, FAISS, SQLite.
+
+    python benchmarks/bench_index.py --images DIR [--device cpu|cuda] [--limit N] [--repeat R] [--json]
+
+``encoder_only_images_per_s`` is the model's forward pass alone on the same
+batches (already decoded): the ceiling the pipeline is compared against.
+``--repeat R`` links every image R times (to fill a run with few originals).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+@click.command()
+@click.option("--images", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--model", default="xmr-lite2", show_default=True)
+@click.option("--limit", type=int, default=None, help="Index only the first N images.")
+@click.option("--repeat", type=int, default=1, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def main(images, device, model, limit, repeat, batch_size, as_json):
+    import numpy as np
+    import torch
+
+    from indexer.decode import decode_image, is_image_name
+    from retrieval.engine import Engine
+
+    files = sorted(p for p in Path(images).iterdir() if is_image_name(p.name))
+    if limit:
+        files = files[:limit]
+    with tempfile.TemporaryDirectory(prefix="xmr-bench-") as tmp:
+        src = Path(tmp) / "images"
+        src.mkdir()
+        for r in range(repeat):
+            for f in files:
+                os.symlink(f.resolve(), src / f"{r}_{f.name}")
+        engine = Engine.open(Path(tmp) / "index", model=model, device=device, reranker="auto")
+        n = len(files) * repeat
+        t0 = time.perf_counter()
+        summary = engine.index([src], batch_size=batch_size)
+        seconds = time.perf_counter() - t0
+        # encoder-only ceiling on the same kind of batches
+        enc = engine.encoder
+        sample = [enc.prepare(decode_image(f, enc.input_size).image) for f in files[: min(len(files), 4 * batch_size)]]
+        enc.encode_images_with_tokens(sample[:batch_size])  # warm-up
+        t1 = time.perf_counter()
+        done = 0
+        for s in range(0, len(sample), batch_size):
+            enc.encode_images_with_tokens(sample[s : s + batch_size])
+            done += len(sample[s : s + batch_size])
+        if device == "cuda":
+            torch.cuda.synchronize()
+        enc_rate = done / (time.perf_counter() - t1)
+        engine.close()
+    out = {
+        "images": n, "indexed": summary.added, "seconds": round(seconds, 2),
+        "images_per_s": round(summary.added / seconds, 2), "encoder_only_images_per_s": round(enc_rate, 2),
+        "peak_rss_mb": round(_peak_rss_mb(), 1), "device": device, "model": model,
+        "torch_threads": torch.get_num_threads(),
+    }
+    if as_json:
+        click.echo(json.dumps(out))
+        return
+    for k, v in out.items():
+        click.echo(f"{k:<28}{v}")
+
+
+if __name__ == "__main__":
+    main()
