@@ -130,11 +130,15 @@ class Indexer:
         if on_total:
             on_total(len(work))
 
-        # Decode on worker threads, embed and write full batches.
+        # Decode on worker threads (one batch ahead of the model), embed and
+        # write full batches.
+        chunks = [work[s : s + self.batch_size] for s in range(0, len(work), self.batch_size)]
         with ThreadPoolExecutor(self.threads) as pool:
-            for start in range(0, len(work), self.batch_size):
-                chunk = work[start : start + self.batch_size]
-                decoded = list(pool.map(self._decode, chunk))
+            pending = [pool.submit(self._decode, w) for w in chunks[0]] if chunks else []
+            for n, chunk in enumerate(chunks):
+                decoded = [f.result() for f in pending]
+                if n + 1 < len(chunks):
+                    pending = [pool.submit(self._decode, w) for w in chunks[n + 1]]
                 ok = [(w, d) for w, d in zip(chunk, decoded) if not isinstance(d, BadImage)]
                 for w, d in zip(chunk, decoded):
                     if isinstance(d, BadImage):

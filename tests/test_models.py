@@ -157,3 +157,26 @@ def test_training_smoke(tmp_path, flickr8k):
 
     enc = create_encoder(str(out), device="cpu")
     assert enc.dim == 256 and enc.reranker_model is not None
+
+
+def test_onnx_image_path_equals_pytorch(tmp_path, monkeypatch):
+    """The CPU fast path (ONNX Runtime) gives the eager model's outputs."""
+    from retrieval.encoders import onnx_runtime
+    from retrieval.encoders.xmr import XmrEncoder
+    from retrieval.encoders import builtin_models
+
+    if not onnx_runtime.available():
+        pytest.skip("onnxruntime/onnxscript not installed")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = str(builtin_models()["xmr-lite2"])
+    fast = XmrEncoder.from_checkpoint(path, device="cpu")
+    slow = XmrEncoder.from_checkpoint(path, device="cpu")
+    slow.backend = "torch"
+    rng = np.random.default_rng(0)
+    pixels = [rng.integers(0, 255, (260, 260, 3), dtype=np.uint8) for _ in range(3)]  # odd count: padded batch
+    e1, t1 = fast.encode_images_with_tokens(pixels)
+    e2, t2 = slow.encode_images_with_tokens(pixels)
+    assert fast._onnx is not None and slow._onnx is None
+    np.testing.assert_allclose(e1, e2, atol=1e-4)
+    np.testing.assert_allclose(t1.astype(np.float32), t2.astype(np.float32), atol=2e-2)  # fp16 tokens
+    assert list(tmp_path.glob("xmr/onnx/*.onnx"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ def _pick_device(device: str | None):
 
 class XmrEncoder(DualEncoder):
     def __init__(self, model, name: str, version: str, reranker_model=None, fusion_weight: float = 0.0,
-                 device=None, batch_size: int = 64):
+                 device=None, batch_size: int | None = None, backend: str | None = None):
         self.model = model
         self.name = name
         self.version = version
@@ -34,7 +35,16 @@ class XmrEncoder(DualEncoder):
         self.reranker_model = reranker_model
         self.fusion_weight = fusion_weight
         self.device = _pick_device(device)
-        self.batch_size = batch_size
+        # Forward-pass micro-batch. On a small CPU, tiny batches keep the
+        # activations of these depthwise-conv towers in cache: batch 2 ran 3.5x
+        # faster than batch 32 on the 2-core dev machine (benchmarks/RESULTS.md).
+        self.batch_size = batch_size or (128 if self.device.type == "cuda" else 2)
+        # "onnx" (ONNX Runtime for the image side, CPU only), "torch", or "auto":
+        # onnx on the CPU when onnxruntime is installed. Env XMR_BACKEND overrides.
+        self.backend = backend or os.environ.get("XMR_BACKEND", "auto")
+        if self.backend not in ("auto", "onnx", "torch"):
+            raise ValueError(f"unknown backend {self.backend!r}; choose auto, onnx or torch")
+        self._onnx = None
         self.model.to(self.device).eval()
         if self.reranker_model is not None:
             self.reranker_model.to(self.device).eval()
@@ -66,9 +76,31 @@ class XmrEncoder(DualEncoder):
         return self._tokenizer
 
     # -- forward passes -----------------------------------------------------------
+    def _onnx_path(self):
+        """The ONNX Runtime image path, or None where the backend is torch."""
+        if self._onnx is None and self.device.type == "cpu" and self.backend != "torch":
+            from . import onnx_runtime
+
+            if onnx_runtime.available():
+                try:
+                    self._onnx = onnx_runtime.OnnxImagePath.for_model(
+                        self.model, self.reranker_model, f"{self.name}-{self.version}", self.batch_size)
+                except Exception as exc:  # export problems must not stop indexing
+                    log.warning("ONNX Runtime path unavailable (%s); using PyTorch", exc)
+                    self.backend = "torch"
+            elif self.backend == "onnx":
+                raise ImportError("backend onnx needs onnxruntime and onnxscript: pip install onnxruntime onnxscript")
+            else:
+                self.backend = "torch"
+        return self._onnx
+
     def _images(self, prepared: list, with_tokens: bool):
         import torch
 
+        runner = self._onnx_path()
+        if runner is not None:
+            emb, tokens = runner(np.stack(prepared))
+            return emb, (tokens if with_tokens else None)
         embs, toks = [], []
         for s in range(0, len(prepared), self.batch_size):
             px = torch.from_numpy(np.stack(prepared[s : s + self.batch_size])).to(self.device)
