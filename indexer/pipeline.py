@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from .decode import BadImage, decode_image
 from .store import Store
+from .tokens import TokenStore
 from .walk import FoundFile, SkippedFile, scan
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,9 @@ class _Work:
 
 class Indexer:
     def __init__(self, store: Store, prepare: Callable, embed: Callable, batch_size: int = 64,
-                 threads: int | None = None, draft_size: int | None = None):
+                 threads: int | None = None, draft_size: int | None = None, tokens: TokenStore | None = None):
         self.store = store
+        self.tokens = tokens
         self.prepare = prepare
         self.embed = embed
         self.batch_size = batch_size
@@ -145,12 +147,14 @@ class Indexer:
                         skip(w.found.path, d.reason)
                 if ok:
                     vectors, tokens = self.embed([d[0] for _, d in ok])
+                    # tokens reach disk before the rows that point at them
+                    slots = self.tokens.append(tokens) if tokens is not None and self.tokens else None
                     rows = []
                     for j, (w, (_, width, height)) in enumerate(ok):
                         rows.append({
                             "path": w.found.path, "size": w.found.size, "mtime_ns": w.found.mtime_ns,
                             "sha256": w.sha256, "width": width, "height": height,
-                            "embedding": vectors[j], "tokens": None if tokens is None else tokens[j],
+                            "embedding": vectors[j], "token_slot": None if slots is None else slots[j],
                         })
                     self.store.write_images(rows, [], [], [])
                     for w, _ in ok:

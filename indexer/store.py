@@ -1,8 +1,8 @@
 """The metadata store: SQLite through SQLAlchemy 2.0.
 
-SQLite is the source of truth. Each image row carries its embedding (and its
-region tokens for the reranker) so that a row and its vector are written in
-one transaction: a run killed at any point leaves every image fully present
+SQLite is the source of truth. Each image row carries its embedding (and the
+slot of its region tokens, written to the token store before the row) so that
+a row and its vector are written in one transaction: a run killed at any point leaves every image fully present
 or absent. The FAISS files are derived from these rows and rebuilt whenever
 their recorded generation differs from the store's.
 """
@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 from sqlalchemy import (
-    ForeignKey,
     Index,
     LargeBinary,
     String,
@@ -52,14 +51,8 @@ class ImageRow(Base):
     height: Mapped[int]
     added_at: Mapped[float]
     embedding: Mapped[bytes] = mapped_column(LargeBinary)
-
-
-class TokenRow(Base):
-    """Region tokens of an image for the reranker (fp16, ``[tokens, width]``)."""
-
-    __tablename__ = "image_tokens"
-    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
-    data: Mapped[bytes] = mapped_column(LargeBinary)
+    # slot of the image's region tokens in the token store (indexer/tokens.py)
+    token_slot: Mapped[int | None]
 
 
 class CaptionRow(Base):
@@ -185,7 +178,7 @@ class Store:
         """Apply one batch of changes in a single transaction.
 
         new: dicts with path, size, mtime_ns, sha256, width, height, embedding
-        (float32 vector) and optional tokens; an existing row at the same path
+        (float32 vector) and optional token_slot; an existing row at the same path
         is replaced. moved: (id, new path, size, mtime_ns). touched: (id, size,
         mtime_ns). removed: ids. Returns the ids of the new rows.
         """
@@ -203,13 +196,11 @@ class Store:
                 row = ImageRow(
                     path=n["path"], size=n["size"], mtime_ns=n["mtime_ns"], sha256=n["sha256"],
                     width=n["width"], height=n["height"], added_at=time.time(),
-                    embedding=_to_blob(n["embedding"], np.float32),
+                    embedding=_to_blob(n["embedding"], np.float32), token_slot=n.get("token_slot"),
                 )
                 s.add(row)
                 s.flush()
                 ids.append(row.id)
-                if n.get("tokens") is not None:
-                    s.add(TokenRow(image_id=row.id, data=_to_blob(n["tokens"], np.float16)))
             if new or removed or moved:
                 self.bump_generation(s, "images")
         return ids
@@ -237,11 +228,11 @@ class Store:
             q = select(ImageRow.id).where(ImageRow.path.startswith(folder + os.sep, autoescape=True))
             return np.fromiter((r for r in s.scalars(q)), dtype=np.int64)
 
-    def tokens(self, ids: Iterable[int], shape_tail: tuple[int, int]) -> dict[int, np.ndarray]:
+    def token_slots(self, ids: Iterable[int]) -> dict[int, int]:
         ids = list(ids)
         with self.session() as s:
-            rows = s.execute(select(TokenRow.image_id, TokenRow.data).where(TokenRow.image_id.in_(ids)))
-            return {i: np.frombuffer(d, dtype=np.float16).reshape(shape_tail) for i, d in rows}
+            q = select(ImageRow.id, ImageRow.token_slot).where(ImageRow.id.in_(ids), ImageRow.token_slot.is_not(None))
+            return {i: slot for i, slot in s.execute(q)}
 
     def iter_vectors(self, table: str, dim: int, batch: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Stream (ids, float32 vectors) of ``images`` or ``captions`` in id order."""

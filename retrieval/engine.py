@@ -14,6 +14,7 @@ import numpy as np
 from indexer.decode import BadImage, decode_image
 from indexer.pipeline import Indexer, IndexSummary
 from indexer.store import Store
+from indexer.tokens import TokenStore
 from indexer.vectors import EXACT_LIMIT, VectorIndex, build_index
 from reranker.base import ImageCandidate, Reranker, rerank_order
 
@@ -81,6 +82,8 @@ class Engine:
         self.reranker = reranker
         self.exact_limit = exact_limit
         self._indexes: dict[str, VectorIndex] = {}
+        shape = getattr(encoder, "token_shape", None)
+        self.tokens = TokenStore(self.index_dir, shape) if shape else None
 
     # -- opening ----------------------------------------------------------------
     @classmethod
@@ -164,7 +167,7 @@ class Engine:
             return enc.encode_images_with_tokens(prepared)
 
         indexer = Indexer(self.store, enc.prepare, embed, batch_size=batch_size, threads=threads,
-                          draft_size=enc.input_size)
+                          draft_size=enc.input_size, tokens=self.tokens)
         summary = indexer.run(paths, on_skip=on_skip, progress=progress, on_total=on_total)
         self._index("images")
         return summary
@@ -210,10 +213,17 @@ class Engine:
         folder = os.path.abspath(os.fspath(under))
         return self.store.image_ids_under(folder)
 
+    def _tokens(self, ids: list[int]) -> dict[int, np.ndarray]:
+        """Region tokens of indexed images, from the memory-mapped store."""
+        if self.tokens is None:
+            return {}
+        slots = self.store.token_slots(ids)
+        arrays = self.tokens.get(list(slots.values()))
+        return dict(zip(slots.keys(), arrays))
+
     def _image_candidates(self, ids: list[int]) -> dict[int, ImageCandidate]:
         rows = self.store.image_rows(ids)
-        shape = getattr(self.encoder, "token_shape", None)
-        toks = self.store.tokens(ids, shape) if shape else {}
+        toks = self._tokens(ids)
         out = {}
         for i in ids:
             r = rows.get(i)
@@ -256,8 +266,7 @@ class Engine:
         path = os.path.abspath(os.fspath(image_path))
         row = self.store.image_by_path(path)
         if row is not None:
-            shape = getattr(self.encoder, "token_shape", None)
-            toks = self.store.tokens([row.id], shape).get(row.id) if shape else None
+            toks = self._tokens([row.id]).get(row.id)
             return ImageCandidate(row.id, np.frombuffer(row.embedding, np.float32), toks,
                                   load=lambda: decode_image(path).image)
         try:

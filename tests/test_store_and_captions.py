@@ -57,3 +57,20 @@ def test_karpathy_json_and_errors(tmp_path):
         read_caption_file(b)
     with pytest.raises(CaptionFileError, match="cannot read"):
         read_caption_file(tmp_path / "missing.txt")
+
+
+def test_token_store_append_get_and_torn_write(tmp_path):
+    from indexer.tokens import TokenStore
+
+    ts = TokenStore(tmp_path, (3, 4))
+    a = np.arange(24, dtype=np.float16).reshape(2, 3, 4)
+    assert ts.append(a) == [0, 1]
+    np.testing.assert_array_equal(ts.get([1, 0]), a[::-1])
+    with open(ts.path, "ab") as f:  # a killed run's half-written slot
+        f.write(b"\x00" * 7)
+    assert ts.append(a[:1]) == [2]
+    np.testing.assert_array_equal(ts.get([2]), a[:1])
+    with pytest.raises(ValueError):
+        TokenStore(tmp_path, (3, 5))
+    with pytest.raises(KeyError):
+        ts.get([9])
