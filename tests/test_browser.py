@@ -92,10 +92,10 @@ def test_page_search_shows_thumbnails(server):
             }""",
             list(blue),
         )
-        page.wait_for_selector("#status:has-text('captions for blue0.jpg')")
+        page.wait_for_selector("#status:text-is('captions for blue0.jpg')")  # not the 'finding ...' one
         dropped = page.locator("#detail-captions li").first.inner_text()
         browser.close()
     assert n == 12 and "red" in first
     assert caption.startswith("a red square")
-    assert dropped.startswith("a blue square")
+    assert dropped.startswith("a blue square"), dropped
     assert not errors, errors

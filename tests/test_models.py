@@ -180,3 +180,19 @@ def test_onnx_image_path_equals_pytorch(tmp_path, monkeypatch):
     np.testing.assert_allclose(e1, e2, atol=1e-4)
     np.testing.assert_allclose(t1.astype(np.float32), t2.astype(np.float32), atol=2e-2)  # fp16 tokens
     assert list(tmp_path.glob("xmr/onnx/*.onnx"))
+
+
+def test_shipped_variants_share_weights_but_not_versions():
+    from retrieval.encoders import builtin_variants, create_encoder
+    from retrieval.encoders.preprocess import apply_view
+
+    assert {"xmr-lite2-flip", "xmr-lite2-tta"} <= set(builtin_variants())
+    base = create_encoder("xmr-lite2", device="cpu")
+    tta = create_encoder("xmr-lite2-tta", device="cpu")
+    assert base.views == ("crop85",) and len(tta.views) == 4
+    assert base.version != tta.version  # an index built with one refuses the other
+    a = np.random.default_rng(0).integers(0, 255, (260, 260, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(apply_view(apply_view(a, "flip"), "flip"), a)
+    assert apply_view(a, "crop85").shape == a.shape
+    with pytest.raises(ValueError, match="unknown view"):
+        apply_view(a, "zoom")

@@ -26,11 +26,25 @@ def builtin_models() -> dict[str, Path]:
     return {p.name: p for p in sorted(WEIGHTS_DIR.iterdir()) if (p / "config.json").is_file()}
 
 
+def builtin_variants() -> dict[str, tuple[Path, dict]]:
+    """Name -> (checkpoint folder, settings) of the shipped variants: the same
+    weights run with other settings (test-time views, fusion weight), listed
+    under ``variants`` in a checkpoint's config.json."""
+    out = {}
+    for name, path in builtin_models().items():
+        meta = json.loads((path / "config.json").read_text())
+        for variant, settings in meta.get("variants", {}).items():
+            out[variant] = (path, settings)
+    return out
+
+
 def resolve_model(name: str) -> tuple[str, str]:
-    """``(kind, location)`` with kind ``xmr`` or ``hf``."""
+    """``(kind, location)`` with kind ``xmr``, ``xmr-variant`` or ``hf``."""
     builtins = builtin_models()
     if name in builtins:
         return "xmr", str(builtins[name])
+    if name in builtin_variants():
+        return "xmr-variant", name
     if name.startswith("hf:"):
         return "hf", name[3:]
     path = Path(name).expanduser()
@@ -46,16 +60,19 @@ def resolve_model(name: str) -> tuple[str, str]:
     if "/" in name:
         return "hf", name
     raise UnknownModel(
-        f"unknown model {name!r}; use one of: {', '.join(builtins) or '(none shipped)'}, "
+        f"unknown model {name!r}; use one of: {', '.join([*builtins, *builtin_variants()]) or '(none shipped)'}, "
         "a Hugging Face CLIP/SigLIP name such as openai/clip-vit-base-patch32, or a local model folder"
     )
 
 
 def create_encoder(name: str = DEFAULT_MODEL, device: str | None = None) -> DualEncoder:
     kind, location = resolve_model(name)
-    if kind == "xmr":
+    if kind in ("xmr", "xmr-variant"):
         from .xmr import XmrEncoder
 
+        if kind == "xmr-variant":
+            path, settings = builtin_variants()[name]
+            return XmrEncoder.from_checkpoint(str(path), name=name, device=device, overrides=settings)
         return XmrEncoder.from_checkpoint(location, name=name, device=device)
     from .hf_clip import HFClipEncoder
 

@@ -11,7 +11,8 @@ import numpy as np
 from PIL import Image
 
 from .base import DualEncoder
-from .preprocess import squash_resize
+from .base import l2_normalize
+from .preprocess import apply_view, squash_resize
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,8 @@ def _pick_device(device: str | None):
 
 class XmrEncoder(DualEncoder):
     def __init__(self, model, name: str, version: str, reranker_model=None, fusion_weight: float = 0.0,
-                 device=None, batch_size: int | None = None, backend: str | None = None):
+                 device=None, batch_size: int | None = None, backend: str | None = None,
+                 views: tuple[str, ...] = ("full",)):
         self.model = model
         self.name = name
         self.version = version
@@ -45,21 +47,33 @@ class XmrEncoder(DualEncoder):
         if self.backend not in ("auto", "onnx", "torch"):
             raise ValueError(f"unknown backend {self.backend!r}; choose auto, onnx or torch")
         self._onnx = None
+        for v in views:
+            apply_view(np.zeros((4, 4, 3), np.uint8), v)  # fail early on an unknown view
+        self.views = tuple(views)
         self.model.to(self.device).eval()
         if self.reranker_model is not None:
             self.reranker_model.to(self.device).eval()
         self._tokenizer = None
 
     @classmethod
-    def from_checkpoint(cls, path: str, name: str | None = None, device: str | None = None) -> "XmrEncoder":
+    def from_checkpoint(cls, path: str, name: str | None = None, device: str | None = None,
+                        overrides: dict | None = None) -> "XmrEncoder":
+        """Load a checkpoint folder; ``overrides`` (a registered variant's
+        settings: ``views``, ``fusion_weight``) replace the checkpoint's."""
+        import json
+
         from ..training import checkpoint
 
         meta = checkpoint.read_config(path)
+        settings = {"views": meta.get("views", ["full"]), "fusion_weight": meta.get("fusion_weight", 0.0)}
+        settings.update(overrides or {})
         model = checkpoint.load_dual(path)
         reranker = checkpoint.load_reranker(path) if "reranker" in meta else None
-        digest = hashlib.sha256((Path(path) / checkpoint.CONFIG).read_bytes()).hexdigest()[:12]
+        h = hashlib.sha256((Path(path) / checkpoint.CONFIG).read_bytes())
+        h.update(json.dumps(settings, sort_keys=True).encode())
         label = name if name and "/" not in name else Path(path).name
-        return cls(model, label, digest, reranker, float(meta.get("fusion_weight", 0.0)), device)
+        return cls(model, label, h.hexdigest()[:12], reranker, float(settings["fusion_weight"]), device,
+                   views=tuple(settings["views"]))
 
     # -- preprocessing ----------------------------------------------------------
     def prepare(self, image: Image.Image) -> np.ndarray:
@@ -95,6 +109,18 @@ class XmrEncoder(DualEncoder):
         return self._onnx
 
     def _images(self, prepared: list, with_tokens: bool):
+        """Mean of the views' normalised embeddings; tokens of the first view."""
+        total, tokens = None, None
+        for n, view in enumerate(self.views):
+            arrays = prepared if view == "full" else [apply_view(a, view) for a in prepared]
+            emb, tok = self._forward(arrays, with_tokens and n == 0)
+            emb = l2_normalize(emb)
+            total = emb if total is None else total + emb
+            if n == 0:
+                tokens = tok
+        return total, tokens
+
+    def _forward(self, prepared: list, with_tokens: bool):
         import torch
 
         runner = self._onnx_path()
@@ -125,8 +151,6 @@ class XmrEncoder(DualEncoder):
         if self.reranker_model is None:
             return super().encode_images_with_tokens(prepared)
         emb, tokens = self._images(prepared, True)
-        from .base import l2_normalize
-
         return l2_normalize(emb), tokens
 
     def text_states(self, texts: list[str]):
