@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -75,8 +76,6 @@ class Indexer:
     def run(self, roots: Iterable[str], on_skip: Callable[[str, str], None] | None = None,
             progress: Callable[[int], None] | None = None, on_total: Callable[[int], None] | None = None,
             on_batch: Callable[[], None] | None = None) -> IndexSummary:
-        import time
-
         t0 = time.time()
         summary = IndexSummary()
         roots = [os.path.abspath(os.fspath(r)) for r in roots]

@@ -32,23 +32,6 @@ def sample_negatives(
     return pools.gather(1, pick)
 
 
-def sample_random_negatives(
-    n_queries: int, n_candidates: int, n: int, positives_of, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Uniform negatives (the ablation baseline for hard negatives).
-
-    ``positives_of(i)`` returns the set of candidates that match query ``i``;
-    those are redrawn.
-    """
-    out = torch.randint(n_candidates, (n_queries, n), generator=generator)
-    for i in range(n_queries):
-        bad = positives_of(i)
-        for j in range(n):
-            while int(out[i, j]) in bad:
-                out[i, j] = int(torch.randint(n_candidates, (1,), generator=generator))
-    return out
-
-
 def matching_loss(pos_logits: torch.Tensor, neg_logits: torch.Tensor) -> torch.Tensor:
     """Binary image-text matching loss (ITM): positives 1, negatives 0.
 

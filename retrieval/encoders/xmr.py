@@ -28,7 +28,7 @@ def _pick_device(device: str | None):
 class XmrEncoder(DualEncoder):
     def __init__(self, model, name: str, version: str, reranker_model=None, fusion_weight: float = 0.0,
                  device=None, batch_size: int | None = None, backend: str | None = None,
-                 views: tuple[str, ...] = ("full",)):
+                 views: tuple[str, ...] = ("full",), weights_key: str | None = None):
         self.model = model
         self.name = name
         self.version = version
@@ -50,6 +50,8 @@ class XmrEncoder(DualEncoder):
         for v in views:
             apply_view(np.zeros((4, 4, 3), np.uint8), v)  # fail early on an unknown view
         self.views = tuple(views)
+        # identifies the weights alone (variants with other views share it)
+        self.weights_key = weights_key or f"{name}-{version}"
         self.model.to(self.device).eval()
         if self.reranker_model is not None:
             self.reranker_model.to(self.device).eval()
@@ -70,10 +72,11 @@ class XmrEncoder(DualEncoder):
         model = checkpoint.load_dual(path)
         reranker = checkpoint.load_reranker(path) if "reranker" in meta else None
         h = hashlib.sha256((Path(path) / checkpoint.CONFIG).read_bytes())
+        weights_key = h.hexdigest()[:12]
         h.update(json.dumps(settings, sort_keys=True).encode())
         label = name if name and "/" not in name else Path(path).name
         return cls(model, label, h.hexdigest()[:12], reranker, float(settings["fusion_weight"]), device,
-                   views=tuple(settings["views"]))
+                   views=tuple(settings["views"]), weights_key=f"{Path(path).name}-{weights_key}")
 
     # -- preprocessing ----------------------------------------------------------
     def prepare(self, image: Image.Image) -> np.ndarray:
@@ -98,7 +101,7 @@ class XmrEncoder(DualEncoder):
             if onnx_runtime.available():
                 try:
                     self._onnx = onnx_runtime.OnnxImagePath.for_model(
-                        self.model, self.reranker_model, f"{self.name}-{self.version}", self.batch_size)
+                        self.model, self.reranker_model, self.weights_key, self.batch_size)
                 except Exception as exc:  # export problems must not stop indexing
                     log.warning("ONNX Runtime path unavailable (%s); using PyTorch", exc)
                     self.backend = "torch"
