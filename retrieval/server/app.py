@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from indexer.decode import BadImage, decode_image
 
+from ..engine import CaptionHit, ImageHit
 from ..errors import XmrError
 
 log = logging.getLogger(__name__)
@@ -32,26 +33,6 @@ MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_K = 100
 MAX_ID = 2**63 - 1
 THUMB_SIZE = 256
-
-
-class ImageResult(BaseModel):
-    rank: int
-    score: float
-    id: int
-    path: str
-    similarity: float
-    reranked: bool
-
-
-class CaptionResult(BaseModel):
-    rank: int
-    score: float
-    caption: str
-    id: int
-    source: str
-    image: str | None
-    similarity: float
-    reranked: bool
 
 
 class ErrorBody(BaseModel):
@@ -88,14 +69,14 @@ def create_app(engine, title: str = "xmr") -> FastAPI:
         log.exception("unexpected error on %s", request.url.path)
         return _error(500, "internal error; see the server log")
 
-    @app.get("/api/search", response_model=list[ImageResult])
+    @app.get("/api/search", response_model=list[ImageHit])
     def search(q: str = Query(..., min_length=1, max_length=1000, description="What to look for"),
                k: int = Query(20, ge=1, le=MAX_K), rerank: bool = True):
         with lock:
             hits = engine.search(q, k=k, rerank=rerank)
         return [h.to_dict() for h in hits]
 
-    @app.post("/api/caption", response_model=list[CaptionResult])
+    @app.post("/api/caption", response_model=list[CaptionHit])
     def caption(file: UploadFile = File(...), k: int = Query(5, ge=1, le=MAX_K), rerank: bool = True):
         data = file.file.read(MAX_UPLOAD_BYTES + 1)
         if len(data) > MAX_UPLOAD_BYTES:
@@ -111,7 +92,7 @@ def create_app(engine, title: str = "xmr") -> FastAPI:
                 hits = engine.caption(tmp.name, k=k, rerank=rerank)
         return [h.to_dict() for h in hits]
 
-    @app.get("/api/captions/{image_id}", response_model=list[CaptionResult])
+    @app.get("/api/captions/{image_id}", response_model=list[CaptionHit])
     def captions_of(image_id: int = PathParam(..., ge=0, le=MAX_ID), k: int = Query(5, ge=1, le=MAX_K), rerank: bool = True):
         with lock:
             path = engine.image_path(image_id)
@@ -120,7 +101,7 @@ def create_app(engine, title: str = "xmr") -> FastAPI:
             hits = engine.caption(path, k=k, rerank=rerank)
         return [h.to_dict() for h in hits]
 
-    @app.get("/api/similar/{image_id}", response_model=list[ImageResult])
+    @app.get("/api/similar/{image_id}", response_model=list[ImageHit])
     def similar(image_id: int = PathParam(..., ge=0, le=MAX_ID), k: int = Query(20, ge=1, le=MAX_K)):
         with lock:
             if engine.image_path(image_id) is None:
