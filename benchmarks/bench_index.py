@@ -9,15 +9,14 @@ batches (already decoded): the ceiling the pipeline is compared against.
 
 from __future__ import annotations
 
-import json
 import os
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import click
+from report import emit
 
 
 def _peak_rss_mb() -> float:
@@ -33,7 +32,6 @@ def _peak_rss_mb() -> float:
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def main(images, device, model, limit, repeat, batch_size, as_json):
-    import numpy as np
     import torch
 
     from indexer.decode import decode_image, is_image_name
@@ -72,11 +70,7 @@ def main(images, device, model, limit, repeat, batch_size, as_json):
         "peak_rss_mb": round(_peak_rss_mb(), 1), "device": device, "model": model,
         "torch_threads": torch.get_num_threads(),
     }
-    if as_json:
-        click.echo(json.dumps(out))
-        return
-    for k, v in out.items():
-        click.echo(f"{k:<28}{v}")
+    emit(out, as_json)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,11 @@ tokens of the stored shape.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 
 import click
+from report import emit
 
 QUERIES = [
     "a dog running on the beach", "two children playing in a fountain", "a man riding a bike on a dirt road",
@@ -80,11 +80,7 @@ def main(n, device, rerank_k, n_queries, as_json):
         "index_type": index.spec.factory, "params": index.spec.params, "build_s": round(build_s, 1),
         "device": device, "torch_threads": torch.get_num_threads(),
     }
-    if as_json:
-        click.echo(json.dumps(out))
-        return
-    for k, v in out.items():
-        click.echo(f"{k:<24}{v}")
+    emit(out, as_json)
 
 
 if __name__ == "__main__":

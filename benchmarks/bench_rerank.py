@@ -26,7 +26,7 @@ def main(ks, device, repeats, as_json):
     import numpy as np
     import torch
 
-    from reranker.model import CrossModalReranker, RerankerConfig
+    from reranker.model import CrossModalReranker
     from reranker.xmr import XmrReranker
     from retrieval.encoders import create_encoder
 

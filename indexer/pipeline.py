@@ -74,8 +74,7 @@ class Indexer:
         self.draft_size = draft_size
 
     def run(self, roots: Iterable[str], on_skip: Callable[[str, str], None] | None = None,
-            progress: Callable[[int], None] | None = None, on_total: Callable[[int], None] | None = None,
-            on_batch: Callable[[], None] | None = None) -> IndexSummary:
+            progress: Callable[[int], None] | None = None, on_total: Callable[[int], None] | None = None) -> IndexSummary:
         t0 = time.time()
         summary = IndexSummary()
         roots = [os.path.abspath(os.fspath(r)) for r in roots]
@@ -126,8 +125,6 @@ class Indexer:
         removed = [v[0] for v in gone.values() if v[0] not in reused]
         self.store.write_images([], moved, touched, removed)
         summary.moved, summary.removed = len(moved), len(removed)
-        if on_batch:
-            on_batch()
         if on_total:
             on_total(len(work))
 
@@ -161,8 +158,6 @@ class Indexer:
                             summary.added += 1
                         else:
                             summary.updated += 1
-                    if on_batch:
-                        on_batch()
                 if progress:
                     progress(len(chunk))
         summary.seconds = time.time() - t0

@@ -1,7 +1,7 @@
 """Adapter of :class:`CrossModalReranker` to the :class:`Reranker` interface.
 
-It is handed the text tower as a callable (``text_states``) and a way to make
-region tokens for an image that is not indexed (``image_tokens``).
+It is handed the text tower as a callable (``text_states``); images come with
+their region tokens (stored ones, or made by the encoder for a query image).
 """
 
 from __future__ import annotations

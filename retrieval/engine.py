@@ -162,11 +162,7 @@ class Engine:
     def index(self, paths, on_skip: Callable | None = None, progress: Callable | None = None,
               on_total: Callable | None = None, batch_size: int = 32, threads: int | None = None) -> IndexSummary:
         enc = self.encoder
-
-        def embed(prepared):
-            return enc.encode_images_with_tokens(prepared)
-
-        indexer = Indexer(self.store, enc.prepare, embed, batch_size=batch_size, threads=threads,
+        indexer = Indexer(self.store, enc.prepare, enc.encode_images_with_tokens, batch_size=batch_size, threads=threads,
                           draft_size=enc.input_size, tokens=self.tokens)
         summary = indexer.run(paths, on_skip=on_skip, progress=progress, on_total=on_total)
         self._index("images")
@@ -221,19 +217,11 @@ class Engine:
         arrays = self.tokens.get(list(slots.values()))
         return dict(zip(slots.keys(), arrays))
 
-    def _image_candidates(self, ids: list[int]) -> dict[int, ImageCandidate]:
-        rows = self.store.image_rows(ids)
+    def _candidates(self, rows: dict, ids: list[int]) -> list[ImageCandidate]:
+        """Reranker inputs for ``ids``, whose rows are already loaded."""
         toks = self._tokens(ids)
-        out = {}
-        for i in ids:
-            r = rows.get(i)
-            if r is None:
-                continue
-            out[i] = ImageCandidate(
-                i, np.frombuffer(r.embedding, np.float32), toks.get(i),
-                load=(lambda p=r.path: decode_image(p).image),
-            )
-        return out
+        return [ImageCandidate(i, np.frombuffer(rows[i].embedding, np.float32), toks.get(i),
+                               load=(lambda p=rows[i].path: decode_image(p).image)) for i in ids]
 
     def search(self, query: str, k: int = 10, rerank: bool = True, rerank_k: int = DEFAULT_RERANK_K,
                under: str | None = None) -> list[ImageHit]:
@@ -247,18 +235,16 @@ class Engine:
         if allowed is not None and len(allowed) == 0:
             return []
         scores, ids = self._index("images").search(qvec, n, allowed)
-        ids, scores = ids[0], scores[0]
-        keep = ids >= 0
-        ids, scores = ids[keep].tolist(), scores[keep]
-        cands = self._image_candidates(ids)
-        ids = [i for i in ids if i in cands]
-        scores = np.array([s for i, s in zip(ids, scores) if i in cands], np.float32) if ids else scores[:0]
+        rows = self.store.image_rows(ids[0][ids[0] >= 0].tolist())
+        # a row removed by another process since the FAISS file was read is dropped
+        found = [(int(i), s) for i, s in zip(ids[0], scores[0]) if int(i) in rows]
+        ids = [i for i, _ in found]
+        scores = np.array([s for _, s in found], np.float32)
         ids, scores, final, head = _rerank_head(
             ids, scores, rerank_k if use_rr else 0,
-            lambda head_ids: self.reranker.score_text_images(query, qvec, [cands[i] for i in head_ids]))
-        paths = {i: r.path for i, r in self.store.image_rows(ids[:k]).items()}
+            lambda head_ids: self.reranker.score_text_images(query, qvec, self._candidates(rows, head_ids)))
         return [
-            ImageHit(rank + 1, float(final[rank]), paths[i], int(i), float(scores[rank]), rank < head)
+            ImageHit(rank + 1, float(final[rank]), rows[i].path, int(i), float(scores[rank]), rank < head)
             for rank, i in enumerate(ids[:k])
         ]
 

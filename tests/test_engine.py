@@ -6,7 +6,6 @@ import shutil
 import struct
 import zlib
 
-import numpy as np
 import pytest
 
 from retrieval.engine import Engine

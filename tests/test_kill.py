@@ -1,6 +1,5 @@
 """A run killed with SIGKILL mid-way leaves a consistent index; the next run finishes."""
 
-import os
 import signal
 import sqlite3
 import subprocess
