@@ -64,8 +64,10 @@ class _Work:
 
 class Indexer:
     def __init__(self, store: Store, prepare: Callable, embed: Callable, batch_size: int = 64,
-                 threads: int | None = None, draft_size: int | None = None, tokens: TokenStore | None = None):
+                 threads: int | None = None, draft_size: int | None = None, tokens: TokenStore | None = None,
+                 bias: Callable | None = None):
         self.store = store
+        self.bias = bias  # vectors -> per-item score bias stored with each row, if the model has one
         self.tokens = tokens
         self.prepare = prepare
         self.embed = embed
@@ -145,12 +147,14 @@ class Indexer:
                     vectors, tokens = self.embed([d[0] for _, d in ok])
                     # tokens reach disk before the rows that point at them
                     slots = self.tokens.append(tokens) if tokens is not None and self.tokens else None
+                    biases = self.bias(vectors) if self.bias is not None else None
                     rows = []
                     for j, (w, (_, width, height)) in enumerate(ok):
                         rows.append({
                             "path": w.found.path, "size": w.found.size, "mtime_ns": w.found.mtime_ns,
                             "sha256": w.sha256, "width": width, "height": height,
                             "embedding": vectors[j], "token_slot": None if slots is None else slots[j],
+                            "bias": None if biases is None else float(biases[j]),
                         })
                     self.store.write_images(rows, [], [], [])
                     for w, _ in ok:

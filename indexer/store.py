@@ -3,8 +3,10 @@
 SQLite is the source of truth. Each image row carries its embedding (and the
 slot of its region tokens, written to the token store before the row) so that
 a row and its vector are written in one transaction: a run killed at any point leaves every image fully present
-or absent. The FAISS files are derived from these rows and rebuilt whenever
-their recorded generation differs from the store's.
+or absent. The FAISS files are derived from these rows. Every transaction
+that changes a collection bumps its generation and journals the ids it added
+and removed (``changes``), so a FAISS file recorded at an older generation is
+brought up to date by replaying the journal instead of being rebuilt.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class StoreError(Exception):
@@ -53,6 +55,8 @@ class ImageRow(Base):
     embedding: Mapped[bytes] = mapped_column(LargeBinary)
     # slot of the image's region tokens in the token store (indexer/tokens.py)
     token_slot: Mapped[int | None]
+    # the model's score correction of this item (query-bank normalisation), if any
+    bias: Mapped[float | None]
 
 
 class CaptionRow(Base):
@@ -62,7 +66,20 @@ class CaptionRow(Base):
     source: Mapped[str]
     image_name: Mapped[str | None]
     embedding: Mapped[bytes] = mapped_column(LargeBinary)
+    bias: Mapped[float | None]
     __table_args__ = (Index("ix_captions_source", "source"),)
+
+
+class ChangeRow(Base):
+    """Journal of ids added to or removed from a collection, per generation."""
+
+    __tablename__ = "changes"
+    seq: Mapped[int] = mapped_column(primary_key=True)
+    collection: Mapped[str] = mapped_column(String(16))
+    generation: Mapped[int]
+    item_id: Mapped[int]
+    added: Mapped[bool]
+    __table_args__ = (Index("ix_changes_collection_generation", "collection", "generation"),)
 
 
 class MetaRow(Base):
@@ -71,9 +88,15 @@ class MetaRow(Base):
     value: Mapped[str]
 
 
+def _migrate_1_to_2(conn) -> None:
+    """Schema 2: per-item score bias (the journal table is created by create_all)."""
+    conn.execute(text("ALTER TABLE images ADD COLUMN bias FLOAT"))
+    conn.execute(text("ALTER TABLE captions ADD COLUMN bias FLOAT"))
+
+
 # Ordered migrations: MIGRATIONS[v](connection) upgrades a store at schema
-# version v to v + 1. Version 1 is the first released schema, so none exist yet.
-MIGRATIONS: dict[int, Callable] = {}
+# version v to v + 1.
+MIGRATIONS: dict[int, Callable] = {1: _migrate_1_to_2}
 
 
 def _to_blob(vec: np.ndarray, dtype) -> bytes:
@@ -140,13 +163,43 @@ class Store:
             for k, v in values.items():
                 s.merge(MetaRow(key=k, value=str(v)))
 
-    def bump_generation(self, s: Session, name: str) -> None:
+    def bump_generation(self, s: Session, name: str, added=(), removed=()) -> int:
+        """Advance ``name``'s generation inside transaction ``s`` and journal its changes."""
         key = f"generation_{name}"
         cur = s.get(MetaRow, key)
-        s.merge(MetaRow(key=key, value=str(int(cur.value) + 1 if cur else 1)))
+        gen = int(cur.value) + 1 if cur else 1
+        s.merge(MetaRow(key=key, value=str(gen)))
+        s.add_all([ChangeRow(collection=name, generation=gen, item_id=int(i), added=False) for i in removed])
+        s.add_all([ChangeRow(collection=name, generation=gen, item_id=int(i), added=True) for i in added])
+        return gen
 
     def generation(self, name: str) -> int:
         return int(self.get_meta().get(f"generation_{name}", "0"))
+
+    def changes(self, name: str, after: int, upto: int) -> tuple[list[int], list[int]] | None:
+        """Net (added ids, removed ids) of ``name`` between two generations, or
+        None when the journal no longer reaches back to ``after``."""
+        with self.session() as s:
+            floor = s.get(MetaRow, f"journal_floor_{name}")
+            if floor is not None and after < int(floor.value):
+                return None
+            q = (select(ChangeRow.item_id, ChangeRow.added)
+                 .where(ChangeRow.collection == name, ChangeRow.generation > after, ChangeRow.generation <= upto)
+                 .order_by(ChangeRow.seq))
+            last: dict[int, bool] = {}
+            for item_id, added in s.execute(q):
+                last[item_id] = added
+        # every touched id leaves the index; those whose last change was an add come back
+        return [i for i, a in last.items() if a], list(last)
+
+    def prune_changes(self, name: str, upto: int) -> None:
+        """Forget the journal up to ``upto`` (a FAISS file at that generation is on disk)."""
+        with self.session() as s, s.begin():
+            s.execute(delete(ChangeRow).where(ChangeRow.collection == name, ChangeRow.generation <= upto))
+            key = f"journal_floor_{name}"
+            cur = s.get(MetaRow, key)
+            if cur is None or int(cur.value) < upto:
+                s.merge(MetaRow(key=key, value=str(upto)))
 
     # -- images ---------------------------------------------------------------
     def count_images(self) -> int:
@@ -178,11 +231,12 @@ class Store:
         """Apply one batch of changes in a single transaction.
 
         new: dicts with path, size, mtime_ns, sha256, width, height, embedding
-        (float32 vector) and optional token_slot; an existing row at the same path
-        is replaced. moved: (id, new path, size, mtime_ns). touched: (id, size,
+        (float32 vector) and optional token_slot and bias; an existing row at
+        the same path is replaced. moved: (id, new path, size, mtime_ns). touched: (id, size,
         mtime_ns). removed: ids. Returns the ids of the new rows.
         """
         ids = []
+        gone = list(removed)
         with self.session() as s, s.begin():
             if removed:
                 s.execute(delete(ImageRow).where(ImageRow.id.in_(removed)))
@@ -191,18 +245,22 @@ class Store:
             for image_id, size, mtime in touched:
                 s.execute(update(ImageRow).where(ImageRow.id == image_id).values(size=size, mtime_ns=mtime))
             if new:
-                s.execute(delete(ImageRow).where(ImageRow.path.in_([n["path"] for n in new])))
+                replaced = ImageRow.path.in_([n["path"] for n in new])
+                gone += list(s.scalars(select(ImageRow.id).where(replaced)))
+                s.execute(delete(ImageRow).where(replaced))
             for n in new:
+                bias = n.get("bias")
                 row = ImageRow(
                     path=n["path"], size=n["size"], mtime_ns=n["mtime_ns"], sha256=n["sha256"],
                     width=n["width"], height=n["height"], added_at=time.time(),
                     embedding=_to_blob(n["embedding"], np.float32), token_slot=n.get("token_slot"),
+                    bias=None if bias is None else float(bias),
                 )
                 s.add(row)
                 s.flush()
                 ids.append(row.id)
-            if new or removed or moved:
-                self.bump_generation(s, "images")
+            if new or gone or moved:
+                self.bump_generation(s, "images", added=ids, removed=gone)
         return ids
 
     def remove_paths(self, paths: Iterable[str]) -> int:
@@ -234,21 +292,34 @@ class Store:
             q = select(ImageRow.id, ImageRow.token_slot).where(ImageRow.id.in_(ids), ImageRow.token_slot.is_not(None))
             return {i: slot for i, slot in s.execute(q)}
 
-    def iter_vectors(self, table: str, dim: int, batch: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Stream (ids, float32 vectors) of ``images`` or ``captions`` in id order."""
+    def iter_vectors(self, table: str, dim: int, batch: int = 4096,
+                     ids: Iterable[int] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Stream (ids, float32 vectors, biases) of ``images`` or ``captions``
+        in id order; a bias never computed is NaN. ``ids`` restricts the
+        stream to those rows (missing ones are left out)."""
         model = {"images": ImageRow, "captions": CaptionRow}[table]
-        last = 0
+        wanted = None if ids is None else sorted(set(int(i) for i in ids))
+        last, pos = 0, 0
         with self.session() as s:
             while True:
-                rows = s.execute(
-                    select(model.id, model.embedding).where(model.id > last).order_by(model.id).limit(batch)
-                ).all()
+                q = select(model.id, model.embedding, model.bias)
+                if wanted is None:
+                    q = q.where(model.id > last).order_by(model.id).limit(batch)
+                else:
+                    if pos >= len(wanted):
+                        return
+                    q = q.where(model.id.in_(wanted[pos : pos + batch])).order_by(model.id)
+                    pos += batch
+                rows = s.execute(q).all()
                 if not rows:
-                    return
-                ids = np.array([r[0] for r in rows], dtype=np.int64)
+                    if wanted is None:
+                        return
+                    continue
+                row_ids = np.array([r[0] for r in rows], dtype=np.int64)
                 vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim)
-                yield ids, vecs
-                last = int(ids[-1])
+                bias = np.array([np.nan if r[2] is None else r[2] for r in rows], dtype=np.float32)
+                yield row_ids, vecs, bias
+                last = int(row_ids[-1])
 
     # -- captions -------------------------------------------------------------
     def count_captions(self) -> int:
@@ -261,13 +332,19 @@ class Store:
             q = select(CaptionRow.image_name, CaptionRow.text).where(CaptionRow.source == source)
             return {(n, t) for n, t in s.execute(q)}
 
-    def add_captions(self, rows: list[tuple[str | None, str]], vectors: np.ndarray, source: str) -> int:
+    def add_captions(self, rows: list[tuple[str | None, str]], vectors: np.ndarray, source: str,
+                     biases: np.ndarray | None = None) -> int:
         with self.session() as s, s.begin():
-            for (image_name, caption), vec in zip(rows, vectors):
-                s.add(CaptionRow(text=caption, source=source, image_name=image_name,
-                                 embedding=_to_blob(vec, np.float32)))
+            added = []
+            for n, ((image_name, caption), vec) in enumerate(zip(rows, vectors)):
+                row = CaptionRow(text=caption, source=source, image_name=image_name,
+                                 embedding=_to_blob(vec, np.float32),
+                                 bias=None if biases is None else float(biases[n]))
+                s.add(row)
+                added.append(row)
             if rows:
-                self.bump_generation(s, "captions")
+                s.flush()
+                self.bump_generation(s, "captions", added=[r.id for r in added])
         return len(rows)
 
     def caption_rows(self, ids: Iterable[int]) -> dict[int, CaptionRow]:

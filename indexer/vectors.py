@@ -4,7 +4,8 @@ An index is described by a factory string plus search parameters, both
 stored beside it. Small collections use exact inner-product search
 (``IDMap2,Flat``); past :data:`EXACT_LIMIT` vectors an IVF index is chosen,
 with ``nprobe`` set so that recall@10 against exact search stays >= 0.95.
-Removal really removes (``remove_ids``). Files are written atomically.
+Removal really removes (``remove_ids``). Files are written atomically, with
+a JSON sidecar that records the store generation the index reflects.
 On a machine where faiss sees a GPU, searches run on a GPU copy of the index.
 """
 
@@ -49,6 +50,25 @@ def choose_spec(n_vectors: int, exact_limit: int = EXACT_LIMIT) -> IndexSpec:
     return IndexSpec(f"IVF{nlist},Flat", {"nprobe": nprobe})
 
 
+def spec_still_fits(spec: IndexSpec, n_vectors: int, exact_limit: int = EXACT_LIMIT) -> bool:
+    """Whether an index built as ``spec`` may keep growing in place at
+    ``n_vectors``, or should be rebuilt as the type :func:`choose_spec` picks.
+
+    There is slack on both sides so that a collection hovering at a boundary
+    is not rebuilt on every run: exact search is kept up to 1.25x the limit,
+    an IVF index is kept while its ``nlist`` is within 2x of the ideal.
+    """
+    if spec.factory == "IDMap2,Flat":
+        return n_vectors <= exact_limit * 1.25
+    if spec.factory.startswith("IVF"):
+        if n_vectors <= exact_limit * 0.75:
+            return False
+        nlist = int(spec.factory.split(",")[0][3:])
+        ideal = min(max(4 * math.sqrt(max(n_vectors, 1)), 64), 65536)
+        return ideal / 2 <= nlist <= ideal * 2
+    return False
+
+
 def gpu_available() -> bool:
     faiss = _faiss()
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
@@ -65,6 +85,8 @@ class VectorIndex:
         self.use_gpu = gpu_available() if use_gpu is None else use_gpu
         self._gpu_index = None
         self._gpu_res = None
+        #: the store generation these vectors reflect (None: not yet known)
+        self.generation: int | None = None
 
     # -- building -------------------------------------------------------------
     @property
@@ -130,14 +152,18 @@ class VectorIndex:
         return self.index.search(q, k, params=params)
 
     # -- persistence ------------------------------------------------------------
-    def save(self, path: str | os.PathLike, facts: dict) -> None:
-        """Write the index and its JSON sidecar, each atomically."""
+    def save(self, path: str | os.PathLike, facts: dict, vectors: bool = True) -> None:
+        """Write the index and its JSON sidecar, each atomically; with
+        ``vectors=False`` only the sidecar (the file on disk already holds
+        these vectors)."""
         faiss = _faiss()
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        faiss.write_index(self.index, str(tmp))
-        os.replace(tmp, path)
-        side = {"dim": self.dim, **self.spec.to_json(), "ntotal": self.ntotal, **facts}
+        if vectors:
+            tmp = path.with_name(path.name + ".tmp")
+            faiss.write_index(self.index, str(tmp))
+            os.replace(tmp, path)
+        side = {"dim": self.dim, **self.spec.to_json(), "ntotal": self.ntotal, "generation": self.generation,
+                **facts}
         stmp = path.with_name(path.name + ".json.tmp")
         stmp.write_text(json.dumps(side, indent=2))
         os.replace(stmp, path.with_name(path.name + ".json"))
@@ -154,6 +180,7 @@ class VectorIndex:
         obj.use_gpu = gpu_available() if use_gpu is None else use_gpu
         obj._gpu_index = None
         obj._gpu_res = None
+        obj.generation = side.get("generation")
         return obj, side
 
 

@@ -21,15 +21,25 @@ class ImageCandidate:
 
 
 class Reranker(ABC):
+    """Scores candidate pairs; the engine fuses them with the recall scores as
+    ``final = score + fusion_weight * recall_score`` (:func:`fuse`)."""
+
     name: str
+    #: weight of the first-stage (recall) score in the final score, chosen on dev
+    fusion_weight: float = 0.0
 
     @abstractmethod
     def score_text_images(self, text: str, text_emb: np.ndarray, images: list[ImageCandidate]) -> np.ndarray:
-        """Final scores (higher is better) of one text against each image."""
+        """Matching scores (higher is better) of one text against each image."""
 
     @abstractmethod
     def score_image_texts(self, image: ImageCandidate, texts: list[str], text_embs: np.ndarray) -> np.ndarray:
-        """Final scores of one image against each text."""
+        """Matching scores of one image against each text."""
+
+
+def fuse(rerank_scores: np.ndarray, recall_scores: np.ndarray, fusion_weight: float) -> np.ndarray:
+    """The final score of reranked pairs."""
+    return np.asarray(rerank_scores, np.float64) + fusion_weight * np.asarray(recall_scores, np.float64)
 
 
 def rerank_order(first_stage: np.ndarray, rerank_scores: np.ndarray) -> np.ndarray:

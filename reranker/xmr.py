@@ -43,9 +43,7 @@ class XmrReranker(Reranker):
         t_emb, words, mask = self.text_states([text])
         tokens = np.stack([c.tokens for c in images])
         embs = np.stack([c.embedding for c in images]).astype(np.float32)
-        logits = self._score(tokens, embs, words, mask, t_emb)
-        sims = embs @ np.asarray(text_emb, np.float32)
-        return logits + self.fusion_weight * sims
+        return self._score(tokens, embs, words, mask, t_emb)
 
     def score_image_texts(self, image: ImageCandidate, texts, text_embs) -> np.ndarray:
         if image.tokens is None:
@@ -54,6 +52,4 @@ class XmrReranker(Reranker):
         n = len(texts)
         tokens = np.broadcast_to(image.tokens, (n,) + image.tokens.shape)
         embs = np.broadcast_to(image.embedding.astype(np.float32), (n, image.embedding.shape[0]))
-        logits = self._score(tokens, embs, words, mask, t_emb)
-        sims = np.asarray(text_embs, np.float32) @ image.embedding.astype(np.float32)
-        return logits + self.fusion_weight * sims
+        return self._score(tokens, embs, words, mask, t_emb)

@@ -3,6 +3,7 @@ an optional reranker. Every CLI command is one call on it."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -15,11 +16,12 @@ from indexer.decode import BadImage, decode_image
 from indexer.pipeline import Indexer, IndexSummary
 from indexer.store import Store
 from indexer.tokens import TokenStore
-from indexer.vectors import EXACT_LIMIT, VectorIndex, build_index
-from reranker.base import ImageCandidate, Reranker, rerank_order
+from indexer.vectors import EXACT_LIMIT, VectorIndex, build_index, spec_still_fits
+from reranker.base import ImageCandidate, Reranker, fuse, rerank_order
 
 from .captions import read_caption_file
 from .encoders import DEFAULT_MODEL, DualEncoder, create_encoder
+from .encoders.querybank import augment_items, augment_queries
 from .errors import CaptionFileError, IndexNotFound, ModelMismatch, QueryError
 
 log = logging.getLogger(__name__)
@@ -132,29 +134,95 @@ class Engine:
         self.store.close()
 
     # -- vector indexes (derived from the store) --------------------------------
+    @property
+    def querybank(self):
+        return getattr(self.encoder, "querybank", None)
+
+    def _index_dim(self) -> int:
+        # with a query bank, each vector carries its bias as one extra dimension
+        return self.encoder.dim + (1 if self.querybank is not None else 0)
+
+    def _gallery_vectors(self, name: str, vecs: np.ndarray, bias: np.ndarray) -> np.ndarray:
+        """Stored vectors as the FAISS index holds them."""
+        bank = self.querybank
+        if bank is None:
+            return vecs
+        missing = np.isnan(bias)
+        if missing.any():  # rows written before the model had a bank
+            bias = bias.copy()
+            bias[missing] = (bank.image_bias if name == "images" else bank.text_bias)(vecs[missing])
+        return augment_items(vecs, bias)
+
+    def _query_vectors(self, vecs: np.ndarray, corrected: bool = True) -> np.ndarray:
+        """Query vectors for the FAISS index: ``cos - bias`` when corrected, plain cosine otherwise."""
+        if self.querybank is None:
+            return np.atleast_2d(vecs)
+        return augment_queries(vecs, corrected)
+
+    def _stream(self, name: str, ids=None):
+        for row_ids, vecs, bias in self.store.iter_vectors(name, self.encoder.dim, ids=ids):
+            yield row_ids, self._gallery_vectors(name, vecs, bias)
+
+    def _count(self, name: str) -> int:
+        return self.store.count_images() if name == "images" else self.store.count_captions()
+
+    def _load_file(self, path: Path) -> VectorIndex | None:
+        if not path.is_file():
+            return None
+        try:
+            index, side = VectorIndex.load(path)
+        except Exception as exc:  # a damaged file is rebuilt from the store
+            log.warning("rebuilding %s: %s", path.name, exc)
+            return None
+        if side.get("model") != self.encoder.name or side.get("model_version") != self.encoder.version \
+                or index.dim != self._index_dim():
+            return None
+        return index
+
+    def _catch_up(self, index: VectorIndex, name: str, gen: int) -> int | None:
+        """Replay the store's journal onto ``index``: the number of ids it
+        touched, or None when a rebuild is needed instead."""
+        if index.generation is None or index.generation > gen:
+            return None
+        changes = self.store.changes(name, index.generation, gen)
+        if changes is None or not spec_still_fits(index.spec, self._count(name), self.exact_limit):
+            return None
+        added, touched = changes
+        index.remove(touched)
+        for ids, vecs in self._stream(name, ids=added):
+            index.add(ids, vecs)
+        index.generation = gen
+        return len(touched)
+
     def _index(self, name: str) -> VectorIndex:
-        """The FAISS index of ``images`` or ``captions``, rebuilt if stale."""
+        """The FAISS index of ``images`` or ``captions``, brought up to the
+        store's generation: replayed from the journal where possible, rebuilt
+        from the rows otherwise, and saved when it changed."""
         gen = self.store.generation(name)
         cached = self._indexes.get(name)
-        if cached is not None and getattr(cached, "_generation", None) == gen:
+        if cached is not None and cached.generation == gen:
             return cached
         path = self.index_dir / f"{name}.faiss"
-        index = None
-        if path.is_file():
-            try:
-                index, side = VectorIndex.load(path)
-                if side.get("generation") != gen or side.get("model") != self.encoder.name:
-                    index = None
-            except Exception as exc:  # a damaged file is rebuilt from the store
-                log.warning("rebuilding %s: %s", path.name, exc)
-                index = None
+        saved = _saved_generation(path)
+        index, start, touched = None, None, None
+        for candidate in (lambda: cached, lambda: self._load_file(path)):
+            index = candidate()
+            if index is not None:
+                start = index.generation
+                touched = 0 if index.generation == gen else self._catch_up(index, name, gen)
+                if touched is not None:
+                    break
+            index = None
         if index is None:
-            n = self.store.count_images() if name == "images" else self.store.count_captions()
-            index = build_index(self.encoder.dim, lambda: self.store.iter_vectors(name, self.encoder.dim), n,
-                                self.exact_limit)
-            index.save(path, {"generation": gen, "model": self.encoder.name})
+            index = build_index(self._index_dim(), lambda: self._stream(name), self._count(name), self.exact_limit)
+            index.generation = gen
             self.store.set_meta(**{f"{name}_factory": index.spec.factory, f"{name}_params": index.spec.params})
-        index._generation = gen
+        # never overwrite a file another process already brought further
+        if touched is None or saved is None or saved < gen:
+            facts = {"model": self.encoder.name, "model_version": self.encoder.version}
+            # only moves since the file was written: its vectors are still right
+            index.save(path, facts, vectors=not (touched == 0 and saved is not None and saved == start))
+            self.store.prune_changes(name, gen)
         self._indexes[name] = index
         return index
 
@@ -163,7 +231,8 @@ class Engine:
               on_total: Callable | None = None, batch_size: int = 32, threads: int | None = None) -> IndexSummary:
         enc = self.encoder
         indexer = Indexer(self.store, enc.prepare, enc.encode_images_with_tokens, batch_size=batch_size, threads=threads,
-                          draft_size=enc.input_size, tokens=self.tokens)
+                          draft_size=enc.input_size, tokens=self.tokens,
+                          bias=self.querybank.image_bias if self.querybank is not None else None)
         summary = indexer.run(paths, on_skip=on_skip, progress=progress, on_total=on_total)
         self._index("images")
         return summary
@@ -197,7 +266,8 @@ class Engine:
         for s in range(0, len(fresh), 1024):
             chunk = fresh[s : s + 1024]
             vecs = self.encoder.encode_texts([c for _, c in chunk])
-            self.store.add_captions(chunk, vecs, source)
+            biases = self.querybank.text_bias(vecs) if self.querybank is not None else None
+            self.store.add_captions(chunk, vecs, source, biases)
         self._index("captions")
         return {"imported": len(fresh), "duplicates": len(pairs) - len(fresh), "malformed": len(bad),
                 "total": self.store.count_captions()}
@@ -234,13 +304,13 @@ class Engine:
         allowed = self._allowed(under)
         if allowed is not None and len(allowed) == 0:
             return []
-        scores, ids = self._index("images").search(qvec, n, allowed)
+        scores, ids = self._index("images").search(self._query_vectors(qvec), n, allowed)
         rows = self.store.image_rows(ids[0][ids[0] >= 0].tolist())
         # a row removed by another process since the FAISS file was read is dropped
         found = [(int(i), s) for i, s in zip(ids[0], scores[0]) if int(i) in rows]
         ids = [i for i, _ in found]
         scores = np.array([s for _, s in found], np.float32)
-        ids, scores, final, head = _rerank_head(
+        ids, scores, final, head = self._rerank_head(
             ids, scores, rerank_k if use_rr else 0,
             lambda head_ids: self.reranker.score_text_images(query, qvec, self._candidates(rows, head_ids)))
         return [
@@ -271,7 +341,7 @@ class Engine:
             allowed = allowed[allowed != (q.id if q.id is not None else -1)]
             if len(allowed) == 0:
                 return []
-        scores, ids = self._index("images").search(q.embedding, k + 1, allowed)
+        scores, ids = self._index("images").search(self._query_vectors(q.embedding, corrected=False), k + 1, allowed)
         pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0 and i != q.id][:k]
         paths = {i: r.path for i, r in self.store.image_rows([i for i, _ in pairs]).items()}
         return [ImageHit(r + 1, s, paths[i], i, s, False) for r, (i, s) in enumerate(pairs) if i in paths]
@@ -296,7 +366,7 @@ class Engine:
         q = self._query_image(image_path)
         use_rr = rerank and self.reranker is not None and rerank_k > 0
         n = max(k, rerank_k) if use_rr else k
-        scores, ids = self._index("captions").search(q.embedding, n)
+        scores, ids = self._index("captions").search(self._query_vectors(q.embedding), n)
         keep = ids[0] >= 0
         ids, scores = ids[0][keep].tolist(), scores[0][keep]
         rows = self.store.caption_rows(ids)
@@ -305,12 +375,28 @@ class Engine:
             embs = np.stack([np.frombuffer(rows[i].embedding, np.float32) for i in head_ids])
             return self.reranker.score_image_texts(q, [rows[i].text for i in head_ids], embs)
 
-        ids, scores, final, head = _rerank_head(ids, scores, rerank_k if use_rr else 0, score)
+        ids, scores, final, head = self._rerank_head(ids, scores, rerank_k if use_rr else 0, score)
         return [
             CaptionHit(r + 1, float(final[r]), rows[i].text, int(i), rows[i].source, rows[i].image_name,
                        float(scores[r]), r < head)
             for r, i in enumerate(ids[:k])
         ]
+
+    def _rerank_head(self, ids: list[int], scores: np.ndarray, rerank_k: int, score_fn):
+        """Rerank the first ``rerank_k`` recalled items; the rest keep recall order.
+
+        Returns (ids, recall scores, final scores, number reranked) in the new order.
+        """
+        head = min(rerank_k, len(ids))
+        final = scores.astype(np.float64)
+        if head == 0:
+            return ids, scores, final, 0
+        rr = fuse(score_fn(ids[:head]), scores[:head], self.reranker.fusion_weight)
+        order = rerank_order(scores[:head], rr)
+        ids = [ids[j] for j in order] + ids[head:]
+        scores = np.concatenate([scores[:head][order], scores[head:]])
+        final = np.concatenate([rr[order], final[head:]])
+        return ids, scores, final, head
 
     # -- facts ------------------------------------------------------------------
     def status(self) -> dict:
@@ -327,25 +413,18 @@ class Engine:
             "search_params": images.spec.params,
             "gpu": images.use_gpu,
             "reranker": self.reranker.name if self.reranker else None,
+            "querybank": ({"beta": self.querybank.beta, "alpha": self.querybank.alpha}
+                          if self.querybank is not None else None),
             "schema_version": int(meta.get("schema_version", 0)),
         }
 
 
-def _rerank_head(ids: list[int], scores: np.ndarray, rerank_k: int, score_fn):
-    """Rerank the first ``rerank_k`` recalled items; the rest keep recall order.
-
-    Returns (ids, recall scores, final scores, number reranked) in the new order.
-    """
-    head = min(rerank_k, len(ids))
-    final = scores.astype(np.float64)
-    if head == 0:
-        return ids, scores, final, 0
-    rr = np.asarray(score_fn(ids[:head]), dtype=np.float64)
-    order = rerank_order(scores[:head], rr)
-    ids = [ids[j] for j in order] + ids[head:]
-    scores = np.concatenate([scores[:head][order], scores[head:]])
-    final = np.concatenate([rr[order], final[head:]])
-    return ids, scores, final, head
+def _saved_generation(path: Path) -> int | None:
+    """The generation recorded beside a FAISS file, or None."""
+    try:
+        return json.loads(path.with_name(path.name + ".json").read_text()).get("generation")
+    except (OSError, ValueError):
+        return None
 
 
 def _own_reranker(enc: DualEncoder) -> Reranker | None:

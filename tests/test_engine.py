@@ -183,3 +183,84 @@ def test_index_files_are_rebuilt_when_stale_or_damaged(tmp_path, photos):
     eng2 = open_engine(tmp_path)
     assert eng2._index("images").ntotal == 5
     assert len(eng2.search("red", k=2)) == 2
+
+
+def test_index_updates_replay_the_journal_instead_of_rebuilding(tmp_path, photos, monkeypatch):
+    import retrieval.engine as engine_mod
+
+    builds = []
+    real_build = engine_mod.build_index
+    monkeypatch.setattr(engine_mod, "build_index", lambda *a, **k: builds.append(1) or real_build(*a, **k))
+    eng = open_engine(tmp_path)
+    other = open_engine(tmp_path)  # a second process on the same index, e.g. the server
+    eng.index([photos])
+    assert len(builds) == 1
+    other_hits = other.search("blue", k=5)  # loads the saved file; no rebuild
+    assert len(builds) == 1 and len(other_hits) == 5
+    os.remove(photos / "white.jpg")
+    make_image(photos / "green2.jpg", COLORS["green"])
+    make_image(photos / "red.jpg", COLORS["blue"])  # changed in place: a new row replaces the old
+    s = eng.index([photos])
+    assert (s.added, s.updated, s.removed) == (1, 1, 1)
+    assert len(builds) == 1  # replayed, not rebuilt
+    assert eng._index("images").ntotal == 5
+    # the other process's cached index is older than the pruned journal: it reloads the file
+    got = [(os.path.basename(h.path), round(h.score, 5)) for h in other.search("green", k=5)]
+    assert len(builds) == 1
+    for f in (tmp_path / "index").glob("images.faiss*"):
+        f.unlink()
+    fresh = open_engine(tmp_path)
+    want = [(os.path.basename(h.path), round(h.score, 5)) for h in fresh.search("green", k=5)]
+    assert len(builds) == 2 and got == want
+    assert {"green.jpg", "green2.jpg"} == {n for n, _ in want[:2]}
+    assert "white.jpg" not in {n for n, _ in want}
+
+
+def test_query_bank_corrects_recall_scores_exactly(tmp_path, photos):
+    import numpy as np
+
+    from retrieval.encoders.base import l2_normalize
+    from retrieval.encoders.querybank import QueryBank
+
+    enc = FakeEncoder()
+    rng = np.random.default_rng(0)
+    # a bank of queries that mostly point at white: the white image becomes a hub and is pushed down
+    white_text = enc.encode_texts(["white"])[0]
+    texts = l2_normalize(white_text + 0.05 * rng.standard_normal((50, enc.dim)))
+    images = l2_normalize(rng.standard_normal((20, enc.dim)))
+    enc.querybank = QueryBank(texts.astype(np.float32), images.astype(np.float32), beta=10.0, alpha=1.0)
+    eng = open_engine(tmp_path, enc)
+    eng.index([photos])
+    q = enc.encode_texts(["red white"])[0]
+    hits = eng.search("red white", k=5)
+    rows = eng.store.image_rows([h.id for h in hits])
+    for h in hits:
+        v = np.frombuffer(rows[h.id].embedding, np.float32)
+        want = float(v @ q - enc.querybank.image_bias(v[None])[0])
+        assert abs(h.score - want) < 1e-4 and rows[h.id].bias is not None
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    plain = Engine.open(tmp_path / "plain", create=True, reranker="none", encoder=FakeEncoder())
+    plain.index([photos])
+    order = [os.path.basename(h.path) for h in plain.search("red white", k=5)]
+    corrected = [os.path.basename(h.path) for h in hits]
+    assert order[0] == "white.jpg" and corrected[0] in ("red.jpg", "red2.png")
+    # image -> image similarity is a plain cosine, untouched by the bank
+    sim = eng.similar(photos / "red.jpg", k=1)[0]
+    assert sim.path.endswith("red2.png") and abs(sim.score - 1.0) < 1e-3
+
+
+def test_a_pure_move_rewrites_only_the_sidecar(tmp_path, photos):
+    import json
+
+    eng = open_engine(tmp_path)
+    eng.index([photos])
+    faiss_file = tmp_path / "index" / "images.faiss"
+    before = faiss_file.stat().st_mtime_ns
+    os.utime(faiss_file, ns=(before - 10**9, before - 10**9))  # make a rewrite visible
+    shutil.move(photos / "blue.jpg", photos / "blue-renamed.jpg")
+    assert eng.index([photos]).moved == 1
+    side = json.loads((tmp_path / "index" / "images.faiss.json").read_text())
+    assert side["generation"] == eng.store.generation("images")
+    assert faiss_file.stat().st_mtime_ns == before - 10**9
+    fresh = open_engine(tmp_path)  # the file on disk is trusted at the new generation
+    assert [h.path for h in fresh.search("blue", k=1)] == [str(photos / "blue-renamed.jpg")]

@@ -160,6 +160,7 @@ def test_training_smoke(tmp_path, flickr8k):
     assert meta["model"]["image_tower"] == "efficientnet-lite0" and "reranker" in meta
     report = json.loads((out / "report.json").read_text())
     assert report["job"]["limit"] == 8 and "dual_dev" in report and "full" in report["rerank"]
+    assert report["querybank_dev"][0]["querybank"] is None and len(report["querybank_dev"]) == 10
     # the checkpoint is usable as an engine model
     from retrieval.encoders import create_encoder
 
@@ -188,6 +189,21 @@ def test_onnx_image_path_equals_pytorch(tmp_path, monkeypatch):
     np.testing.assert_allclose(e1, e2, atol=1e-4)
     np.testing.assert_allclose(t1.astype(np.float32), t2.astype(np.float32), atol=2e-2)  # fp16 tokens
     assert list(tmp_path.glob("xmr/onnx/*.onnx"))
+
+
+def test_views_on_tensors_equal_pillow_bit_for_bit():
+    """The GPU path makes views on device tensors; they must be the CPU's (Pillow's) pixels."""
+    import torch
+
+    from retrieval.encoders.preprocess import VIEWS, view_batch
+
+    rng = np.random.default_rng(0)
+    for size in (260, 224, 31):
+        batch = rng.integers(0, 256, (3, size, size, 3), dtype=np.uint8)
+        for view in VIEWS:
+            on_cpu = view_batch(batch, view)
+            on_tensor = view_batch(torch.from_numpy(batch), view).numpy()
+            assert on_cpu.shape == batch.shape and np.array_equal(on_cpu, on_tensor), (size, view)
 
 
 def test_shipped_variants_share_weights_but_not_versions():

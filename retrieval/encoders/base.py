@@ -28,6 +28,8 @@ class DualEncoder(ABC):
     dim: int
     #: pixels on the short side the model needs (lets JPEG decoding use draft mode)
     input_size: int = 224
+    #: query-bank normalisation of recall scores (querybank.py), when the model ships one
+    querybank = None
 
     @abstractmethod
     def prepare(self, image: Image.Image):

@@ -12,7 +12,7 @@ from PIL import Image
 
 from .base import DualEncoder
 from .base import l2_normalize
-from .preprocess import apply_view, squash_resize
+from .preprocess import VIEWS, squash_resize, view_batch
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def _pick_device(device: str | None):
 class XmrEncoder(DualEncoder):
     def __init__(self, model, name: str, version: str, reranker_model=None, fusion_weight: float = 0.0,
                  device=None, batch_size: int | None = None, backend: str | None = None,
-                 views: tuple[str, ...] = ("full",), weights_key: str | None = None):
+                 views: tuple[str, ...] = ("full",), weights_key: str | None = None, querybank=None):
         self.model = model
         self.name = name
         self.version = version
@@ -47,11 +47,13 @@ class XmrEncoder(DualEncoder):
         if self.backend not in ("auto", "onnx", "torch"):
             raise ValueError(f"unknown backend {self.backend!r}; choose auto, onnx or torch")
         self._onnx = None
-        for v in views:
-            apply_view(np.zeros((4, 4, 3), np.uint8), v)  # fail early on an unknown view
+        unknown = [v for v in views if v not in VIEWS]
+        if unknown:
+            raise ValueError(f"unknown view(s) {unknown}; choose from {', '.join(VIEWS)}")
         self.views = tuple(views)
         # identifies the weights alone (variants with other views share it)
         self.weights_key = weights_key or f"{name}-{version}"
+        self.querybank = querybank
         self.model.to(self.device).eval()
         if self.reranker_model is not None:
             self.reranker_model.to(self.device).eval()
@@ -61,22 +63,30 @@ class XmrEncoder(DualEncoder):
     def from_checkpoint(cls, path: str, name: str | None = None, device: str | None = None,
                         overrides: dict | None = None) -> "XmrEncoder":
         """Load a checkpoint folder; ``overrides`` (a registered variant's
-        settings: ``views``, ``fusion_weight``) replace the checkpoint's."""
+        settings: ``views``, ``fusion_weight``, ``querybank``) replace the checkpoint's."""
         import json
 
         from ..training import checkpoint
+        from .querybank import QueryBank
 
         meta = checkpoint.read_config(path)
         settings = {"views": meta.get("views", ["full"]), "fusion_weight": meta.get("fusion_weight", 0.0)}
+        if "querybank" in meta:
+            settings["querybank"] = meta["querybank"]
         settings.update(overrides or {})
         model = checkpoint.load_dual(path)
         reranker = checkpoint.load_reranker(path) if "reranker" in meta else None
+        bank = None
+        if settings.get("querybank"):
+            bank = QueryBank.load(path, **settings["querybank"])
         h = hashlib.sha256((Path(path) / checkpoint.CONFIG).read_bytes())
         weights_key = h.hexdigest()[:12]
         h.update(json.dumps(settings, sort_keys=True).encode())
+        if bank is not None:  # the bank changes every bias, so it is part of the version
+            h.update(bank.texts.tobytes() + bank.images.tobytes())
         label = name if name and "/" not in name else Path(path).name
         return cls(model, label, h.hexdigest()[:12], reranker, float(settings["fusion_weight"]), device,
-                   views=tuple(settings["views"]), weights_key=f"{Path(path).name}-{weights_key}")
+                   views=tuple(settings["views"]), weights_key=f"{Path(path).name}-{weights_key}", querybank=bank)
 
     # -- preprocessing ----------------------------------------------------------
     def prepare(self, image: Image.Image) -> np.ndarray:
@@ -112,32 +122,44 @@ class XmrEncoder(DualEncoder):
         return self._onnx
 
     def _images(self, prepared: list, with_tokens: bool):
-        """Mean of the views' normalised embeddings; tokens of the first view."""
-        total, tokens = None, None
-        for n, view in enumerate(self.views):
-            arrays = prepared if view == "full" else [apply_view(a, view) for a in prepared]
-            emb, tok = self._forward(arrays, with_tokens and n == 0)
-            emb = l2_normalize(emb)
-            total = emb if total is None else total + emb
-            if n == 0:
-                tokens = tok
-        return total, tokens
-
-    def _forward(self, prepared: list, with_tokens: bool):
-        import torch
-
+        """Sum of the views' normalised embeddings; tokens of the first view."""
+        batch = np.stack(prepared)
         runner = self._onnx_path()
         if runner is not None:
-            emb, tokens = runner(np.stack(prepared))
-            return emb, (tokens if with_tokens else None)
+            total, tokens = None, None
+            for n, view in enumerate(self.views):
+                emb, tok = runner(view_batch(batch, view))
+                emb = l2_normalize(emb)
+                total = emb if total is None else total + emb
+                if n == 0 and with_tokens:
+                    tokens = tok
+            return total, tokens
+        return self._torch_images(batch, with_tokens)
+
+    def _torch_images(self, batch: np.ndarray, with_tokens: bool):
+        """The PyTorch path: each micro-batch crosses to the device once (from
+        pinned memory on CUDA); its views are made there."""
+        import torch
+        import torch.nn.functional as F
+
         embs, toks = [], []
-        for s in range(0, len(prepared), self.batch_size):
-            px = torch.from_numpy(np.stack(prepared[s : s + self.batch_size])).to(self.device)
+        cuda = self.device.type == "cuda"
+        for s in range(0, len(batch), self.batch_size):
+            px = torch.from_numpy(batch[s : s + self.batch_size])
+            if cuda:
+                px = px.pin_memory().to(self.device, non_blocking=True)
+            total = None
             with torch.inference_mode(), self._autocast():
-                emb, levels = self.model.image_forward(self.model.normalize_pixels(px), with_regions=with_tokens)
-                embs.append(emb.float().cpu().numpy())
-                if with_tokens:
-                    toks.append(self.reranker_model.project_regions([lv.float() for lv in levels]).half().cpu().numpy())
+                for n, view in enumerate(self.views):
+                    want_tokens = with_tokens and n == 0
+                    emb, levels = self.model.image_forward(self.model.normalize_pixels(view_batch(px, view)),
+                                                           with_regions=want_tokens)
+                    emb = F.normalize(emb.float(), dim=-1)
+                    total = emb if total is None else total + emb
+                    if want_tokens:
+                        toks.append(self.reranker_model.project_regions([lv.float() for lv in levels])
+                                    .half().cpu().numpy())
+            embs.append(total.cpu().numpy())
         return np.concatenate(embs), (np.concatenate(toks) if with_tokens else None)
 
     def _autocast(self):

@@ -69,33 +69,45 @@ def score_pairs(reranker, f: Features, img_idx: torch.Tensor, txt_idx: torch.Ten
 
 
 @torch.no_grad()
-def rerank_candidates(reranker, f: Features, k: int) -> dict:
-    """Rerank logits for each image's top-k captions and each caption's top-k images."""
+def rerank_candidates(reranker, f: Features, k: int, bank=None) -> dict:
+    """Rerank logits for each image's top-k captions and each caption's top-k
+    images, recalled by the scores the engine uses (query-bank corrected when
+    ``bank`` is given)."""
     reranker.eval()
-    sim = f.sim()
+    sim = f.sim().float()
+    s_i2t, s_t2i = sim, sim
+    if bank is not None:
+        tb = torch.from_numpy(bank.text_bias(f.txt_emb.float().cpu().numpy())).to(sim.device)
+        ib = torch.from_numpy(bank.image_bias(f.img_emb.float().cpu().numpy())).to(sim.device)
+        s_i2t, s_t2i = sim - tb[None, :], sim - ib[:, None]
     k_t = min(k, sim.shape[1])
     k_i = min(k, sim.shape[0])
-    i2t = sim.topk(k_t, dim=1).indices  # [N, k]
-    t2i = sim.t().topk(k_i, dim=1).indices  # [T, k]
+    i2t = s_i2t.topk(k_t, dim=1).indices  # [N, k]
+    t2i = s_t2i.t().topk(k_i, dim=1).indices  # [T, k]
     n, t = sim.shape
     rows_i = torch.arange(n, device=sim.device).repeat_interleave(k_t)
     i2t_logits = score_pairs(reranker, f, rows_i, i2t.reshape(-1))
     rows_t = torch.arange(t, device=sim.device).repeat_interleave(k_i)
     t2i_logits = score_pairs(reranker, f, t2i.reshape(-1), rows_t)
     return {
-        "sim": sim.float().cpu().numpy(),
+        "sim": sim.cpu().numpy(),
+        "recall": {"i2t": s_i2t.cpu().numpy(), "t2i": s_t2i.cpu().numpy()},
         "i2t": (rows_i.cpu().numpy(), i2t.reshape(-1).cpu().numpy(), i2t_logits.cpu().numpy()),
         "t2i": (t2i.reshape(-1).cpu().numpy(), rows_t.cpu().numpy(), t2i_logits.cpu().numpy()),
     }
 
 
 def fused_report(cands: dict, text_image: np.ndarray, weight: float) -> dict:
-    """Recall after reranking, with final score = rerank logit + weight * dual similarity."""
-    sim = cands["sim"]
+    """Recall after reranking, with final score = rerank logit + weight * recall score.
+
+    The recall score of a direction is ``cands["recall"][direction]`` when
+    given (e.g. query-bank corrected scores), the dual similarity otherwise.
+    """
     mats = []
     for key in ("i2t", "t2i"):
+        recall = cands.get("recall", {}).get(key, cands["sim"])
         rows, cols, logits = cands[key]
-        mats.append(apply_rerank(sim, rows, cols, logits + weight * sim[rows, cols]))
+        mats.append(apply_rerank(recall, rows, cols, logits + weight * recall[rows, cols]))
     return retrieval_report(mats[0], text_image, sim_t2i=mats[1])
 
 
@@ -108,8 +120,10 @@ def choose_fusion_weight(cands: dict, text_image: np.ndarray) -> tuple[float, di
     return best_w, best
 
 
-def train_reranker(reranker, train: Features, dev: Features, opts: RerankTrainOptions, device, progress=None) -> dict:
-    """Train in place, keeping the epoch with the best dev rsum at ``select_k``."""
+def train_reranker(reranker, train: Features, dev: Features, opts: RerankTrainOptions, device, progress=None,
+                   bank=None) -> dict:
+    """Train in place, keeping the epoch with the best dev rsum at ``select_k``
+    (recalled and fused with the query-bank corrected scores when ``bank`` is given)."""
     gen = torch.Generator().manual_seed(opts.seed)
     torch.manual_seed(opts.seed)
     reranker.to(device)
@@ -159,7 +173,7 @@ def train_reranker(reranker, train: Features, dev: Features, opts: RerankTrainOp
             step += 1
             if progress:
                 progress(epoch, b, steps_per_epoch, losses[-1])
-        cands = rerank_candidates(reranker, dev, opts.select_k)
+        cands = rerank_candidates(reranker, dev, opts.select_k, bank)
         weight, report = choose_fusion_weight(cands, dev.text_image.cpu().numpy())
         entry = {"epoch": epoch + 1, "loss": sum(losses) / len(losses), "dev": report,
                  "fusion_weight": weight, "seconds": time.time() - t0}

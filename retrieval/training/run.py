@@ -141,6 +141,7 @@ def run_training(job: TrainJob, progress_factory=None) -> dict:
             report[f"dual_{name}"] = retrieval_report(sim, splits[name].text_image.cpu().numpy())
     checkpoint.save_checkpoint(out, {"dual_dev": report.get("dual_dev"), "dual_test": report.get("dual_test"),
                                      "train_args": report["job"]}, dual=model)
+    bank = _fit_querybank(model, splits, feats, device, out, report)
 
     if "rerank" in job.stages:
         from reranker.model import CrossModalReranker, RerankerConfig
@@ -162,7 +163,7 @@ def run_training(job: TrainJob, progress_factory=None) -> dict:
                     bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}")
 
             t0 = time.time()
-            result = train_reranker(rr, feats["train"], feats["dev"], opts, device, tick)
+            result = train_reranker(rr, feats["train"], feats["dev"], opts, device, tick, bank=bank)
             if bar:
                 bar.close()
             weight = result["best"]["fusion_weight"]
@@ -174,7 +175,7 @@ def run_training(job: TrainJob, progress_factory=None) -> dict:
                 ti = splits[split].text_image.cpu().numpy()
                 entry[split] = {}
                 for k in REPORT_KS if name == "full" else (opts.select_k,):
-                    cands = rerank_candidates(rr, feats[split], k)
+                    cands = rerank_candidates(rr, feats[split], k, bank)
                     entry[split][f"K={k}"] = fused_report(cands, ti, weight)
                     if split == "dev" and k == opts.select_k:
                         entry["dev_best_weight_check"] = choose_fusion_weight(cands, ti)[0]
@@ -187,6 +188,41 @@ def run_training(job: TrainJob, progress_factory=None) -> dict:
     report["seconds"] = time.time() - t_start
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _fit_querybank(model, splits, feats, device, out: Path, report: dict):
+    """Build the query bank from the train split, choose beta and alpha on dev,
+    save both with the checkpoint; returns the bank (None when it does not help)."""
+    from ..encoders.querybank import QueryBank, bank_from_split
+    from .calibrate import corrected_scores, score_settings
+    from .dual import encode_split
+
+    if "train" in feats:
+        img, txt = feats["train"].img_emb, feats["train"].txt_emb
+    else:
+        img, txt = encode_split(model, splits["train"], device)
+    texts, images = bank_from_split(txt.float().cpu().numpy(), img.float().cpu().numpy(),
+                                    splits["train"].text_image.cpu().numpy())
+    dev = feats["dev"]
+    rows = score_settings(QueryBank(texts, images), dev.img_emb.float().cpu().numpy(),
+                          dev.txt_emb.float().cpu().numpy(), splits["dev"].text_image.cpu().numpy())
+    best, none = rows[1], rows[0]
+    report["querybank_dev"] = [{"querybank": r["querybank"], "rsum": r["report"]["rsum"]} for r in rows]
+    if best["report"]["rsum"] <= none["report"]["rsum"]:
+        log.info("query bank: no gain on dev; not used")
+        return None
+    bank = QueryBank(texts, images, **best["querybank"])
+    bank.save(out)
+    meta = {"querybank": best["querybank"], "dual_dev_querybank": best["report"]}
+    if "test" in feats:
+        s_i2t, s_t2i = corrected_scores(bank, feats["test"].img_emb.float().cpu().numpy(),
+                                        feats["test"].txt_emb.float().cpu().numpy())
+        meta["dual_test_querybank"] = retrieval_report(s_i2t, splits["test"].text_image.cpu().numpy(), sim_t2i=s_t2i)
+    checkpoint.save_checkpoint(out, meta)
+    report.update(meta)
+    log.info("query bank: beta %s alpha %s, dev rsum %.1f -> %.1f", best["querybank"]["beta"],
+             best["querybank"]["alpha"], none["report"]["rsum"], best["report"]["rsum"])
+    return bank
 
 
 def _job_dict(job: TrainJob) -> dict:
