@@ -7,9 +7,10 @@ reaches the model looking like the training images.
 Test-time views (:data:`VIEWS`) work on whole batches of prepared squares,
 as numpy arrays on the CPU or as torch tensors on the model's device, so a
 GPU never waits for per-image work on the host. The 85% centre crop is
-resized with Pillow's bicubic filter reimplemented in integer arithmetic:
-its output is bit-identical to ``PIL.Image.resize(..., BICUBIC)`` on both
-backends (tested), so an index does not depend on where it was built.
+resized by Pillow itself for numpy batches and, for tensors, by Pillow's
+bicubic filter reimplemented in integer arithmetic, bit-identical to
+``PIL.Image.resize(..., BICUBIC)`` (tested), so an index does not depend on
+where it was built.
 """
 
 from __future__ import annotations
