@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from .decode import BadImage, decode_image
 from .store import Store
 from .tokens import TokenStore
-from .walk import FoundFile, SkippedFile, scan
+from .walk import FoundFile, SkippedFile, normalise_roots, scan, stat_file
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class Indexer:
             progress: Callable[[int], None] | None = None, on_total: Callable[[int], None] | None = None) -> IndexSummary:
         t0 = time.time()
         summary = IndexSummary()
-        roots = [os.path.abspath(os.fspath(r)) for r in roots]
+        roots = normalise_roots(roots)
 
         def skip(path: str, reason: str) -> None:
             summary.skipped[reason] += 1
@@ -87,34 +87,47 @@ class Indexer:
             if on_skip:
                 on_skip(path, reason)
 
-        known = self.store.image_states(roots)
-        seen: set[str] = set()
-        changed: list[FoundFile] = []
+        # Compare the walk with the store a chunk of files at a time, so that
+        # memory follows the changes, not the size of the collection.
+        changed: list[tuple[FoundFile, tuple | None]] = []
+        chunk: list[FoundFile] = []
+
+        def compare(files: list[FoundFile]) -> None:
+            states = self.store.states_of([f.path for f in files])
+            for f in files:
+                state = states.get(f.path)
+                if state and state[1] == f.size and state[2] == f.mtime_ns:
+                    summary.unchanged += 1
+                else:
+                    changed.append((f, state))
+
         for item in scan(roots):
             if isinstance(item, SkippedFile):
                 skip(item.path, item.reason)
                 continue
-            seen.add(item.path)
-            state = known.get(item.path)
-            if state and state[1] == item.size and state[2] == item.mtime_ns:
-                summary.unchanged += 1
-            else:
-                changed.append(item)
-        gone = {p: known[p] for p in known if p not in seen}
+            chunk.append(item)
+            if len(chunk) >= 2000:
+                compare(chunk)
+                chunk = []
+        compare(chunk)
+        # An indexed image is gone when its path no longer holds a file the
+        # scan would index (deleted, moved away, now unreadable).
         gone_by_hash: dict[str, list[int]] = {}
-        for p, (image_id, _s, _m, sha) in gone.items():
-            gone_by_hash.setdefault(sha, []).append(image_id)
+        gone: list[int] = []
+        for image_id, path, sha in self.store.iter_rows_under(roots):
+            if not isinstance(stat_file(path), FoundFile):
+                gone.append(image_id)
+                gone_by_hash.setdefault(sha, []).append(image_id)
 
         # Hash the changed files: a hash that a vanished row had is a move.
         moved, touched, work = [], [], []
         reused: set[int] = set()
         with ThreadPoolExecutor(self.threads) as pool:
-            hashes = list(pool.map(_safe_hash, [f.path for f in changed]))
-        for f, sha in zip(changed, hashes):
+            hashes = list(pool.map(_safe_hash, [f.path for f, _ in changed]))
+        for (f, state), sha in zip(changed, hashes):
             if isinstance(sha, BadImage):
                 skip(f.path, sha.reason)
                 continue
-            state = known.get(f.path)
             if state and state[3] == sha:
                 touched.append((state[0], f.size, f.mtime_ns))
                 continue
@@ -124,7 +137,7 @@ class Indexer:
                 moved.append((donors[0], f.path, f.size, f.mtime_ns))
                 continue
             work.append(_Work(f, sha, state[0] if state else None))
-        removed = [v[0] for v in gone.values() if v[0] not in reused]
+        removed = [i for i in gone if i not in reused]
         self.store.write_images([], moved, touched, removed)
         summary.moved, summary.removed = len(moved), len(removed)
         if on_total:

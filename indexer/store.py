@@ -217,6 +217,34 @@ class Store:
                     out[path] = tuple(rest)
         return out
 
+    def states_of(self, paths: list[str], chunk: int = 900) -> dict[str, tuple[int, int, int, str]]:
+        """path -> (id, size, mtime_ns, sha256) of those ``paths`` that are indexed."""
+        out = {}
+        with self.session() as s:
+            for i in range(0, len(paths), chunk):
+                q = select(ImageRow.path, ImageRow.id, ImageRow.size, ImageRow.mtime_ns, ImageRow.sha256)
+                for path, *rest in s.execute(q.where(ImageRow.path.in_(paths[i : i + chunk]))):
+                    out[path] = tuple(rest)
+        return out
+
+    def iter_rows_under(self, prefixes: Iterable[str], batch: int = 10_000) -> Iterator[tuple[int, str, str]]:
+        """Stream (id, path, sha256) of the images under any of the prefixes, in id order."""
+        prefixes = list(prefixes)
+        last = 0
+        with self.session() as s:
+            while True:
+                cond = None
+                for prefix in prefixes:
+                    c = (ImageRow.path == prefix) | ImageRow.path.startswith(prefix.rstrip(os.sep) + os.sep,
+                                                                            autoescape=True)
+                    cond = c if cond is None else cond | c
+                q = select(ImageRow.id, ImageRow.path, ImageRow.sha256).where(ImageRow.id > last)
+                rows = s.execute((q.where(cond) if cond is not None else q).order_by(ImageRow.id).limit(batch)).all()
+                if not rows:
+                    return
+                yield from (tuple(r) for r in rows)
+                last = rows[-1][0]
+
     def find_by_hash(self, sha256: str) -> list[tuple[int, str]]:
         with self.session() as s:
             return list(s.execute(select(ImageRow.id, ImageRow.path).where(ImageRow.sha256 == sha256)))

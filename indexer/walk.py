@@ -35,7 +35,8 @@ def _printable(path: str) -> str:
     return path.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _stat_file(path: str) -> FoundFile | SkippedFile:
+def stat_file(path: str) -> FoundFile | SkippedFile:
+    """What the scan would make of the file at ``path``."""
     if not _utf8_ok(path):
         return SkippedFile(_printable(path), "non-UTF-8 file name")
     try:
@@ -53,19 +54,28 @@ def _stat_file(path: str) -> FoundFile | SkippedFile:
     return FoundFile(path, st.st_size, st.st_mtime_ns)
 
 
+def normalise_roots(roots: Iterable[str | os.PathLike]) -> list[str]:
+    """Absolute, sorted roots without duplicates or roots inside another root
+    (their files are walked anyway), so that a scan meets each path once
+    without remembering the paths it has met."""
+    out: list[str] = []
+    for root in sorted({os.path.abspath(os.fspath(r)) for r in roots}):
+        if any(root.startswith(o.rstrip(os.sep) + os.sep) for o in out if os.path.isdir(o)):
+            continue
+        out.append(root)
+    return out
+
+
 def scan(roots: Iterable[str | os.PathLike]) -> Iterator[FoundFile | SkippedFile]:
     """Yield every image-named file below ``roots`` (files may be given directly).
 
     Directory symlinks are not followed (no loops, no escaping the folder);
-    file symlinks are followed. Each path is yielded once.
+    file symlinks are followed. Each path is yielded once, and nothing of the
+    size of the collection is held in memory.
     """
-    seen: set[str] = set()
-    for root in roots:
-        root = os.path.abspath(os.fspath(root))
+    for root in normalise_roots(roots):
         if os.path.isfile(root) or os.path.islink(root) and not os.path.isdir(root):
-            if root not in seen:
-                seen.add(root)
-                yield _stat_file(root)
+            yield stat_file(root)
             continue
         if not os.path.isdir(root):
             yield SkippedFile(root, "no such file or folder")
@@ -73,10 +83,5 @@ def scan(roots: Iterable[str | os.PathLike]) -> Iterator[FoundFile | SkippedFile
         for dirpath, dirnames, filenames in os.walk(root, onerror=None, followlinks=False):
             dirnames.sort()
             for name in sorted(filenames):
-                if not is_image_name(name):
-                    continue
-                path = os.path.join(dirpath, name)
-                if path in seen:
-                    continue
-                seen.add(path)
-                yield _stat_file(path)
+                if is_image_name(name):
+                    yield stat_file(os.path.join(dirpath, name))

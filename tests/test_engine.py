@@ -264,3 +264,17 @@ def test_a_pure_move_rewrites_only_the_sidecar(tmp_path, photos):
     assert faiss_file.stat().st_mtime_ns == before - 10**9
     fresh = open_engine(tmp_path)  # the file on disk is trusted at the new generation
     assert [h.path for h in fresh.search("blue", k=1)] == [str(photos / "blue-renamed.jpg")]
+
+
+def test_overlapping_roots_index_each_file_once(tmp_path, photos):
+    from indexer.walk import normalise_roots
+
+    assert normalise_roots([photos / "sub", photos, photos / "red.jpg", str(photos) + "/"]) == [str(photos)]
+    eng = open_engine(tmp_path)
+    s = eng.index([photos / "sub", photos, photos / "red.jpg"])
+    assert (s.added, s.unchanged) == (5, 0)
+    s = eng.index([photos / "red.jpg"])  # a single file of the collection: the others stay
+    assert (s.unchanged, s.removed) == (1, 0) and eng.store.count_images() == 5
+    os.remove(photos / "sub" / "red2.png")
+    s = eng.index([photos / "sub"])
+    assert s.removed == 1 and eng.store.count_images() == 4
