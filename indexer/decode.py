@@ -3,6 +3,7 @@ with a one-line reason, never an exception that stops a run."""
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from dataclasses import dataclass
@@ -36,14 +37,15 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def decode_image(path: str | os.PathLike, draft_size: int | None = None) -> DecodedImage:
+def decode_image(path: str | os.PathLike, draft_size: int | None = None, data: bytes | None = None) -> DecodedImage:
     """Open, verify and fully decode one image file to RGB.
 
     ``draft_size`` lets JPEGs decode at reduced scale (Pillow's draft mode) when
-    the caller only needs about that many pixels on the short side.
+    the caller only needs about that many pixels on the short side. ``data``,
+    when given, is the file's content already read (``path`` then only names it).
     """
     try:
-        size = os.path.getsize(path)
+        size = os.path.getsize(path) if data is None else len(data)
     except OSError as exc:
         raise BadImage("unreadable", exc.strerror or str(exc)) from None
     if size == 0:
@@ -54,7 +56,7 @@ def decode_image(path: str | os.PathLike, draft_size: int | None = None) -> Deco
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(path if data is None else io.BytesIO(data)) as im:
                 width, height = im.size
                 if width * height > MAX_PIXELS:
                     raise BadImage("decompression bomb", f"{width}x{height} pixels (limit {MAX_PIXELS})")

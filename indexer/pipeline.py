@@ -1,5 +1,6 @@
-"""One indexing run: scan -> detect changes -> decode on worker threads ->
-embed full batches -> write rows and vectors together.
+"""One indexing run: scan and compare with the store -> read each changed
+file once on worker threads (hash; decode unless it is a move) -> embed full
+batches -> write rows and vectors together.
 
 The embedding model is handed in as ``embed(list_of_prepared) -> (vectors,
 tokens_or_None)`` with ``prepare(PIL image) -> model input``; this package
@@ -17,7 +18,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .decode import BadImage, decode_image
+from .decode import MAX_FILE_BYTES, BadImage, decode_image
 from .store import Store
 from .tokens import TokenStore
 from .walk import FoundFile, SkippedFile, normalise_roots, scan, stat_file
@@ -45,6 +46,11 @@ class IndexSummary:
             "added": self.added, "updated": self.updated, "moved": self.moved, "unchanged": self.unchanged,
             "removed": self.removed, "skipped": dict(self.skipped), "seconds": round(self.seconds, 3),
         }
+
+
+# Files up to this size are read into memory once, hashed and decoded from
+# the same bytes; larger ones are hashed as a stream and decoded from disk.
+HOLD_BYTES = 32 * 1024 * 1024
 
 
 def file_sha256(path: str) -> str:
@@ -119,49 +125,51 @@ class Indexer:
                 gone.append(image_id)
                 gone_by_hash.setdefault(sha, []).append(image_id)
 
-        # Hash the changed files: a hash that a vanished row had is a move.
-        moved, touched, work = [], [], []
-        reused: set[int] = set()
-        with ThreadPoolExecutor(self.threads) as pool:
-            hashes = list(pool.map(_safe_hash, [f.path for f, _ in changed]))
-        for (f, state), sha in zip(changed, hashes):
-            if isinstance(sha, BadImage):
-                skip(f.path, sha.reason)
-                continue
-            if state and state[3] == sha:
-                touched.append((state[0], f.size, f.mtime_ns))
-                continue
-            donors = [i for i in gone_by_hash.get(sha, []) if i not in reused]
-            if donors and not state:
-                reused.add(donors[0])
-                moved.append((donors[0], f.path, f.size, f.mtime_ns))
-                continue
-            work.append(_Work(f, sha, state[0] if state else None))
-        removed = [i for i in gone if i not in reused]
-        self.store.write_images([], moved, touched, removed)
-        summary.moved, summary.removed = len(moved), len(removed)
+        # Each changed file is read once, on a worker thread: hashed, and
+        # decoded from the same bytes unless its hash shows it is unchanged
+        # content (touched) or a vanished image's (a move: no model work).
         if on_total:
-            on_total(len(work))
+            on_total(len(changed))
+        reused: set[int] = set()
+        moved_count = 0
 
-        # Decode on worker threads (one batch ahead of the model), embed and
-        # write full batches.
-        chunks = [work[s : s + self.batch_size] for s in range(0, len(work), self.batch_size)]
+        def examine(item):
+            f, state = item
+            return self._examine(f, state, gone_by_hash)
+
+        batches = [changed[s : s + self.batch_size] for s in range(0, len(changed), self.batch_size)]
         with ThreadPoolExecutor(self.threads) as pool:
-            pending = [pool.submit(self._decode, w) for w in chunks[0]] if chunks else []
-            for n, chunk in enumerate(chunks):
-                decoded = [f.result() for f in pending]
-                if n + 1 < len(chunks):
-                    pending = [pool.submit(self._decode, w) for w in chunks[n + 1]]
-                ok = [(w, d) for w, d in zip(chunk, decoded) if not isinstance(d, BadImage)]
-                for w, d in zip(chunk, decoded):
-                    if isinstance(d, BadImage):
-                        skip(w.found.path, d.reason)
+            pending = [pool.submit(examine, it) for it in batches[0]] if batches else []
+            for n, batch in enumerate(batches):
+                results = [f.result() for f in pending]
+                if n + 1 < len(batches):  # decode one batch ahead of the model
+                    pending = [pool.submit(examine, it) for it in batches[n + 1]]
+                moved, touched, ok = [], [], []
+                for (f, state), r in zip(batch, results):
+                    if isinstance(r, BadImage):
+                        skip(f.path, r.reason)
+                        continue
+                    sha, decoded = r
+                    if state and state[3] == sha:
+                        touched.append((state[0], f.size, f.mtime_ns))
+                        continue
+                    donors = [i for i in gone_by_hash.get(sha, []) if i not in reused]
+                    if donors and not state:
+                        reused.add(donors[0])
+                        moved.append((donors[0], f.path, f.size, f.mtime_ns))
+                        continue
+                    if decoded is None:  # its donor went to an identical file earlier in the run
+                        decoded = self._decode(f.path, None)
+                        if isinstance(decoded, BadImage):
+                            skip(f.path, decoded.reason)
+                            continue
+                    ok.append((_Work(f, sha, state[0] if state else None), decoded))
+                rows = []
                 if ok:
                     vectors, tokens = self.embed([d[0] for _, d in ok])
                     # tokens reach disk before the rows that point at them
                     slots = self.tokens.append(tokens) if tokens is not None and self.tokens else None
                     biases = self.bias(vectors) if self.bias is not None else None
-                    rows = []
                     for j, (w, (_, width, height)) in enumerate(ok):
                         rows.append({
                             "path": w.found.path, "size": w.found.size, "mtime_ns": w.found.mtime_ns,
@@ -169,29 +177,46 @@ class Indexer:
                             "embedding": vectors[j], "token_slot": None if slots is None else slots[j],
                             "bias": None if biases is None else float(biases[j]),
                         })
-                    self.store.write_images(rows, [], [], [])
-                    for w, _ in ok:
-                        if w.replaces is None:
-                            summary.added += 1
-                        else:
-                            summary.updated += 1
+                if rows or moved or touched:
+                    self.store.write_images(rows, moved, touched, [])
+                moved_count += len(moved)
+                for w, _ in ok:
+                    if w.replaces is None:
+                        summary.added += 1
+                    else:
+                        summary.updated += 1
                 if progress:
-                    progress(len(chunk))
+                    progress(len(batch))
+        removed = [i for i in gone if i not in reused]
+        if removed:
+            self.store.write_images([], [], [], removed)
+        summary.moved, summary.removed = moved_count, len(removed)
         summary.seconds = time.time() - t0
         return summary
 
-    def _decode(self, w: _Work):
+    def _examine(self, f: FoundFile, state, gone_by_hash):
+        """(sha256, decoded or None) of one changed file, read once; or BadImage."""
         try:
-            d = decode_image(w.found.path, self.draft_size)
+            if f.size > MAX_FILE_BYTES:
+                return BadImage("too large", f"{f.size} bytes (limit {MAX_FILE_BYTES})")
+            if f.size > HOLD_BYTES:  # hashed as a stream, decoded from the file
+                data, sha = None, file_sha256(f.path)
+            else:
+                with open(f.path, "rb") as fh:
+                    data = fh.read()
+                sha = hashlib.sha256(data).hexdigest()
+        except OSError as exc:
+            return BadImage("unreadable", exc.strerror or str(exc))
+        if (state and state[3] == sha) or (not state and sha in gone_by_hash):
+            return sha, None  # unchanged content or a move: no decoding needed
+        decoded = self._decode(f.path, data)
+        return decoded if isinstance(decoded, BadImage) else (sha, decoded)
+
+    def _decode(self, path: str, data: bytes | None):
+        try:
+            d = decode_image(path, self.draft_size, data)
             return self.prepare(d.image), d.width, d.height
         except BadImage as exc:
             return exc
         except Exception as exc:  # a decoder bug must not stop the run
             return BadImage("corrupt", f"{type(exc).__name__}: {exc}")
-
-
-def _safe_hash(path: str):
-    try:
-        return file_sha256(path)
-    except OSError as exc:
-        return BadImage("unreadable", exc.strerror or str(exc))

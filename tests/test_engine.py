@@ -278,3 +278,25 @@ def test_overlapping_roots_index_each_file_once(tmp_path, photos):
     os.remove(photos / "sub" / "red2.png")
     s = eng.index([photos / "sub"])
     assert s.removed == 1 and eng.store.count_images() == 4
+
+
+def test_each_new_file_is_read_once(tmp_path, photos, monkeypatch):
+    import builtins
+    from collections import Counter
+
+    opened = Counter()
+    real_open = builtins.open
+
+    def counting_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and str(file).startswith(str(photos)):
+            opened[str(file)] += 1
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    eng = open_engine(tmp_path)
+    assert eng.index([photos]).added == 5
+    assert len(opened) == 5 and set(opened.values()) == {1}  # hashed and decoded from one read
+    opened.clear()
+    shutil.move(photos / "blue.jpg", photos / "blue2.jpg")
+    assert eng.index([photos]).moved == 1
+    assert dict(opened) == {str(photos / "blue2.jpg"): 1}  # a move is hashed, never decoded
