@@ -192,6 +192,12 @@ class Store:
         # every touched id leaves the index; those whose last change was an add come back
         return [i for i, a in last.items() if a], list(last)
 
+    def pending_changes(self, name: str, after: int) -> int:
+        """How many journal entries of ``name`` lie past generation ``after``."""
+        with self.session() as s:
+            q = select(func.count(ChangeRow.seq)).where(ChangeRow.collection == name, ChangeRow.generation > after)
+            return s.scalar(q) or 0
+
     def prune_changes(self, name: str, upto: int) -> None:
         """Forget the journal up to ``upto`` (a FAISS file at that generation is on disk)."""
         with self.session() as s, s.begin():

@@ -30,6 +30,9 @@ DB_NAME = "xmr.db"
 MAX_K = 1000
 MAX_QUERY_CHARS = 1000
 DEFAULT_RERANK_K = 20
+# A FAISS file is rewritten once this many changes (or 1% of its vectors) are
+# journaled past it; fewer are replayed by whoever loads it.
+SAVE_AFTER_CHANGES = 1000
 
 
 @dataclass
@@ -197,7 +200,8 @@ class Engine:
     def _index(self, name: str) -> VectorIndex:
         """The FAISS index of ``images`` or ``captions``, brought up to the
         store's generation: replayed from the journal where possible, rebuilt
-        from the rows otherwise, and saved when it changed."""
+        from the rows otherwise; written back after a rebuild or once enough
+        changes have piled up past the file (:data:`SAVE_AFTER_CHANGES`)."""
         gen = self.store.generation(name)
         cached = self._indexes.get(name)
         if cached is not None and cached.generation == gen:
@@ -217,12 +221,21 @@ class Engine:
             index = build_index(self._index_dim(), lambda: self._stream(name), self._count(name), self.exact_limit)
             index.generation = gen
             self.store.set_meta(**{f"{name}_factory": index.spec.factory, f"{name}_params": index.spec.params})
-        # never overwrite a file another process already brought further
-        if touched is None or saved is None or saved < gen:
-            facts = {"model": self.encoder.name, "model_version": self.encoder.version}
-            # only moves since the file was written: its vectors are still right
-            index.save(path, facts, vectors=not (touched == 0 and saved is not None and saved == start))
+        facts = {"model": self.encoder.name, "model_version": self.encoder.version}
+        if touched is None or saved is None:
+            index.save(path, facts)
             self.store.prune_changes(name, gen)
+        elif saved < gen:  # never overwrite a file another process already brought further
+            if touched == 0 and saved == start:
+                # only moves since the file was written: its vectors are still right
+                index.save(path, facts, vectors=False)
+                self.store.prune_changes(name, gen)
+            elif self.store.pending_changes(name, saved) >= max(SAVE_AFTER_CHANGES, index.ntotal // 100):
+                index.save(path, facts)
+                self.store.prune_changes(name, gen)
+            # else the file stays at its generation and the journal since then
+            # stays too: whoever loads the file replays it (cheaper than
+            # rewriting a large index for a few changes)
         self._indexes[name] = index
         return index
 

@@ -204,7 +204,13 @@ def test_index_updates_replay_the_journal_instead_of_rebuilding(tmp_path, photos
     assert (s.added, s.updated, s.removed) == (1, 1, 1)
     assert len(builds) == 1  # replayed, not rebuilt
     assert eng._index("images").ntotal == 5
-    # the other process's cached index is older than the pruned journal: it reloads the file
+    # a few changes do not rewrite the file: it stays behind, with the journal since then
+    import json
+
+    side = json.loads((tmp_path / "index" / "images.faiss.json").read_text())
+    assert side["generation"] < eng.store.generation("images")
+    assert eng.store.pending_changes("images", side["generation"]) > 0
+    # the other process replays the same journal onto its cached index
     got = [(os.path.basename(h.path), round(h.score, 5)) for h in other.search("green", k=5)]
     assert len(builds) == 1
     for f in (tmp_path / "index").glob("images.faiss*"):
