@@ -25,8 +25,6 @@ import click
 
 VIEW_CANDIDATES = {"crop85": ("crop85",), "full+flip": ("full", "flip"),
                    "tta4": ("full", "flip", "crop85", "crop85flip")}
-BETAS = (10.0, 15.0, 20.0)
-ALPHAS = (0.75, 1.0, 1.25)
 
 
 def _pixels(enc, records):
@@ -54,6 +52,7 @@ def main(dataset, split, k, model, view_names, write_bank, top, as_json):
     from retrieval.encoders import create_encoder, resolve_model
     from retrieval.encoders.querybank import QueryBank, bank_from_split
     from retrieval.metrics import retrieval_report
+    from retrieval.training.calibrate import ALPHAS, BETAS, corrected_scores
     from retrieval.training.rerank import choose_fusion_weight
 
     if split in ("test", "train"):
@@ -117,12 +116,7 @@ def main(dataset, split, k, model, view_names, write_bank, top, as_json):
         settings = [None] + list(product(BETAS, ALPHAS))
         scored = []
         for st in settings:
-            if st is None:
-                s_i2t, s_t2i = sim, sim
-            else:
-                b = bank.with_settings(*st)
-                s_i2t = sim - b.text_bias(txt_np)[None, :]
-                s_t2i = sim - b.image_bias(img)[:, None]
+            s_i2t, s_t2i = corrected_scores(None if st is None else bank.with_settings(*st), img, txt_np)
             scored.append((st, s_i2t, s_t2i, retrieval_report(s_i2t, text_image, sim_t2i=s_t2i)["rsum"]))
         best = sorted(scored[1:], key=lambda x: -x[3])[:top]
         for st, s_i2t, s_t2i, dual in scored:

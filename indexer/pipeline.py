@@ -132,18 +132,13 @@ class Indexer:
             on_total(len(changed))
         reused: set[int] = set()
         moved_count = 0
-
-        def examine(item):
-            f, state = item
-            return self._examine(f, state, gone_by_hash)
-
         batches = [changed[s : s + self.batch_size] for s in range(0, len(changed), self.batch_size)]
         with ThreadPoolExecutor(self.threads) as pool:
-            pending = [pool.submit(examine, it) for it in batches[0]] if batches else []
+            pending = [pool.submit(self._examine, f, st, gone_by_hash) for f, st in batches[0]] if batches else []
             for n, batch in enumerate(batches):
                 results = [f.result() for f in pending]
                 if n + 1 < len(batches):  # decode one batch ahead of the model
-                    pending = [pool.submit(examine, it) for it in batches[n + 1]]
+                    pending = [pool.submit(self._examine, f, st, gone_by_hash) for f, st in batches[n + 1]]
                 moved, touched, ok = [], [], []
                 for (f, state), r in zip(batch, results):
                     if isinstance(r, BadImage):

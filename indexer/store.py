@@ -24,6 +24,7 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    false,
     func,
     select,
     text,
@@ -212,17 +213,6 @@ class Store:
         with self.session() as s:
             return s.scalar(select(func.count(ImageRow.id))) or 0
 
-    def image_states(self, prefixes: Iterable[str]) -> dict[str, tuple[int, int, int, str]]:
-        """path -> (id, size, mtime_ns, sha256) of images under any of the prefixes."""
-        out = {}
-        with self.session() as s:
-            for prefix in prefixes:
-                q = select(ImageRow.path, ImageRow.id, ImageRow.size, ImageRow.mtime_ns, ImageRow.sha256)
-                q = q.where((ImageRow.path == prefix) | ImageRow.path.startswith(prefix.rstrip(os.sep) + os.sep, autoescape=True))
-                for path, *rest in s.execute(q):
-                    out[path] = tuple(rest)
-        return out
-
     def states_of(self, paths: list[str], chunk: int = 900) -> dict[str, tuple[int, int, int, str]]:
         """path -> (id, size, mtime_ns, sha256) of those ``paths`` that are indexed."""
         out = {}
@@ -234,18 +224,17 @@ class Store:
         return out
 
     def iter_rows_under(self, prefixes: Iterable[str], batch: int = 10_000) -> Iterator[tuple[int, str, str]]:
-        """Stream (id, path, sha256) of the images under any of the prefixes, in id order."""
-        prefixes = list(prefixes)
+        """Stream (id, path, sha256) of the images at any of these paths or
+        below these folders, in id order (none for no prefixes)."""
+        under = false()
+        for prefix in prefixes:
+            under = under | (ImageRow.path == prefix) | ImageRow.path.startswith(prefix.rstrip(os.sep) + os.sep,
+                                                                                 autoescape=True)
+        q = select(ImageRow.id, ImageRow.path, ImageRow.sha256).where(under).order_by(ImageRow.id).limit(batch)
         last = 0
         with self.session() as s:
             while True:
-                cond = None
-                for prefix in prefixes:
-                    c = (ImageRow.path == prefix) | ImageRow.path.startswith(prefix.rstrip(os.sep) + os.sep,
-                                                                            autoescape=True)
-                    cond = c if cond is None else cond | c
-                q = select(ImageRow.id, ImageRow.path, ImageRow.sha256).where(ImageRow.id > last)
-                rows = s.execute((q.where(cond) if cond is not None else q).order_by(ImageRow.id).limit(batch)).all()
+                rows = s.execute(q.where(ImageRow.id > last)).all()
                 if not rows:
                     return
                 yield from (tuple(r) for r in rows)
@@ -299,8 +288,7 @@ class Store:
 
     def remove_paths(self, paths: Iterable[str]) -> int:
         """Remove images at these paths or below these folders; returns how many."""
-        states = self.image_states(paths)
-        ids = [v[0] for v in states.values()]
+        ids = [image_id for image_id, _path, _sha in self.iter_rows_under(paths)]
         if ids:
             self.write_images([], [], [], ids)
         return len(ids)

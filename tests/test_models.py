@@ -208,15 +208,15 @@ def test_views_on_tensors_equal_pillow_bit_for_bit():
 
 def test_shipped_variants_share_weights_but_not_versions():
     from retrieval.encoders import builtin_variants, create_encoder
-    from retrieval.encoders.preprocess import apply_view
+    from retrieval.encoders.preprocess import view_batch
 
     assert {"xmr-lite2-flip", "xmr-lite2-tta"} <= set(builtin_variants())
     base = create_encoder("xmr-lite2", device="cpu")
     tta = create_encoder("xmr-lite2-tta", device="cpu")
     assert base.views == ("crop85",) and len(tta.views) == 4
     assert base.version != tta.version  # an index built with one refuses the other
-    a = np.random.default_rng(0).integers(0, 255, (260, 260, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(apply_view(apply_view(a, "flip"), "flip"), a)
-    assert apply_view(a, "crop85").shape == a.shape
+    a = np.random.default_rng(0).integers(0, 255, (1, 260, 260, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(view_batch(view_batch(a, "flip"), "flip"), a)
+    assert view_batch(a, "crop85").shape == a.shape
     with pytest.raises(ValueError, match="unknown view"):
-        apply_view(a, "zoom")
+        view_batch(a, "zoom")

@@ -124,8 +124,3 @@ def view_batch(batch, view: str):
     if view == "crop85flip":
         return _flip(_center_crop(batch, 0.85))
     raise ValueError(f"unknown view {view!r}; choose from {', '.join(VIEWS)}")
-
-
-def apply_view(arr: np.ndarray, view: str) -> np.ndarray:
-    """One view of a single prepared square."""
-    return view_batch(arr[None], view)[0]

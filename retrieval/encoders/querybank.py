@@ -23,6 +23,7 @@ Pure computation and (de)serialisation only.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -51,10 +52,15 @@ class QueryBank:
     beta: float = 15.0
     alpha: float = 1.0
 
-    def __post_init__(self):
-        # typical raw bias of a training image / caption (a fixed sample of the bank)
-        self._image_center = float(log_sum_exp_bias(self.images[:1000], self.texts, self.beta).mean())
-        self._text_center = float(log_sum_exp_bias(self.texts[:2000], self.images, self.beta).mean())
+    # Typical raw bias of a training image / caption (a fixed sample of the
+    # bank), computed on first use: opening a model to search costs nothing.
+    @cached_property
+    def _image_center(self) -> float:
+        return float(log_sum_exp_bias(self.images[:1000], self.texts, self.beta).mean())
+
+    @cached_property
+    def _text_center(self) -> float:
+        return float(log_sum_exp_bias(self.texts[:2000], self.images, self.beta).mean())
 
     def image_bias(self, image_vectors: np.ndarray) -> np.ndarray:
         """Bias of images as gallery items of text queries."""

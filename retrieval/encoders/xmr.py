@@ -83,7 +83,8 @@ class XmrEncoder(DualEncoder):
         weights_key = h.hexdigest()[:12]
         h.update(json.dumps(settings, sort_keys=True).encode())
         if bank is not None:  # the bank changes every bias, so it is part of the version
-            h.update(bank.texts.tobytes() + bank.images.tobytes())
+            h.update(bank.texts.tobytes())
+            h.update(bank.images.tobytes())
         label = name if name and "/" not in name else Path(path).name
         return cls(model, label, h.hexdigest()[:12], reranker, float(settings["fusion_weight"]), device,
                    views=tuple(settings["views"]), weights_key=f"{Path(path).name}-{weights_key}", querybank=bank)
