@@ -24,7 +24,6 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
-    false,
     func,
     select,
     text,
@@ -33,6 +32,23 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 SCHEMA_VERSION = 2
+
+
+# Paths per query of Store.iter_rows_under: each adds one LIKE to an OR chain,
+# and SQLite refuses expressions deeper than 1,000.
+PREFIXES_PER_QUERY = 250
+
+
+def _outermost(prefixes: Iterable[str]) -> list[str]:
+    """The prefixes that are not equal to or below another one, sorted."""
+    kept: set[str] = set()
+    for p in sorted({p.rstrip(os.sep) or os.sep for p in prefixes}, key=len):  # parents before children
+        parent, up = p, os.path.dirname(p)
+        while up != parent and up not in kept:
+            parent, up = up, os.path.dirname(up)
+        if up == parent:  # reached the top without meeting a kept folder
+            kept.add(p)
+    return sorted(kept)
 
 
 class StoreError(Exception):
@@ -225,20 +241,25 @@ class Store:
 
     def iter_rows_under(self, prefixes: Iterable[str], batch: int = 10_000) -> Iterator[tuple[int, str, str]]:
         """Stream (id, path, sha256) of the images at any of these paths or
-        below these folders, in id order (none for no prefixes)."""
-        under = false()
-        for prefix in prefixes:
-            under = under | (ImageRow.path == prefix) | ImageRow.path.startswith(prefix.rstrip(os.sep) + os.sep,
-                                                                                 autoescape=True)
-        q = select(ImageRow.id, ImageRow.path, ImageRow.sha256).where(under).order_by(ImageRow.id).limit(batch)
-        last = 0
-        with self.session() as s:
-            while True:
-                rows = s.execute(q.where(ImageRow.id > last)).all()
-                if not rows:
-                    return
-                yield from (tuple(r) for r in rows)
-                last = rows[-1][0]
+        below these folders, each once (none for no prefixes). Rows come in id
+        order within each group of PREFIXES_PER_QUERY prefixes: SQLite caps
+        the depth of an expression, so a long list (``xmr index *.jpg``) is
+        asked in groups."""
+        roots = _outermost(prefixes)
+        for g in range(0, len(roots), PREFIXES_PER_QUERY):
+            group = roots[g : g + PREFIXES_PER_QUERY]
+            under = ImageRow.path.in_(group)
+            for prefix in group:
+                under = under | ImageRow.path.startswith(prefix.rstrip(os.sep) + os.sep, autoescape=True)
+            q = select(ImageRow.id, ImageRow.path, ImageRow.sha256).where(under).order_by(ImageRow.id).limit(batch)
+            last = 0
+            with self.session() as s:
+                while True:
+                    rows = s.execute(q.where(ImageRow.id > last)).all()
+                    if not rows:
+                        break
+                    yield from (tuple(r) for r in rows)
+                    last = rows[-1][0]
 
     def find_by_hash(self, sha256: str) -> list[tuple[int, str]]:
         with self.session() as s:

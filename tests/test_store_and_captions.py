@@ -85,6 +85,20 @@ def test_write_is_atomic_per_batch(tmp_path):
     assert st.count_images() == 1 and st.generation("images") == 1
 
 
+def test_rows_under_thousands_of_paths(tmp_path):
+    """`xmr index *.jpg` hands over every file as a root: thousands of
+    prefixes must not make one SQL expression too deep for SQLite."""
+    st = Store(tmp_path / "x.db")
+    row = dict(size=1, mtime_ns=1, sha256="h", width=2, height=2, embedding=np.ones(4, np.float32))
+    st.write_images([dict(row, path=f"/p/img{i:04d}.jpg") for i in range(1500)]
+                    + [dict(row, path="/p/sub/a.jpg"), dict(row, path="/p-other/b.jpg")], [], [], [])
+    asked = [f"/p/img{i:04d}.jpg" for i in range(0, 1500, 2)] + ["/p/sub", "/p/sub/a.jpg", "/p/img0000.jpg"]
+    got = [path for _, path, _ in st.iter_rows_under(asked)]
+    assert len(got) == len(set(got)) == 751  # each row once, nested and repeated roots folded
+    assert "/p/sub/a.jpg" in got and "/p/img0001.jpg" not in got and "/p-other/b.jpg" not in got
+    assert st.remove_paths(asked) == 751 and st.count_images() == 751
+
+
 def test_flickr_token_file_with_malformed_lines(tmp_path):
     f = tmp_path / "tokens.txt"
     f.write_text("a.jpg#0\tA dog runs .\nno tab here\nb.jpg#1\t   \n\nc.jpg#0\tA cat sleeps .\n")
