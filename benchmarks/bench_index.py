@@ -30,8 +30,9 @@ def _peak_rss_mb() -> float:
 @click.option("--limit", type=int, default=None, help="Index only the first N images.")
 @click.option("--repeat", type=int, default=1, show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--processes", type=int, default=0, show_default=True, help="decoding processes (0: threads)")
 @click.option("--json", "as_json", is_flag=True)
-def main(images, device, model, limit, repeat, batch_size, as_json):
+def main(images, device, model, limit, repeat, batch_size, processes, as_json):
     import torch
 
     from indexer.decode import decode_image, is_image_name
@@ -49,7 +50,7 @@ def main(images, device, model, limit, repeat, batch_size, as_json):
         engine = Engine.open(Path(tmp) / "index", model=model, device=device, reranker="auto")
         n = len(files) * repeat
         t0 = time.perf_counter()
-        summary = engine.index([src], batch_size=batch_size)
+        summary = engine.index([src], batch_size=batch_size, processes=processes)
         seconds = time.perf_counter() - t0
         # encoder-only ceiling on the same kind of batches
         enc = engine.encoder
@@ -68,6 +69,7 @@ def main(images, device, model, limit, repeat, batch_size, as_json):
         "images": n, "indexed": summary.added, "seconds": round(seconds, 2),
         "images_per_s": round(summary.added / seconds, 2), "encoder_only_images_per_s": round(enc_rate, 2),
         "peak_rss_mb": round(_peak_rss_mb(), 1), "device": device, "model": model,
+        "image_backend": getattr(enc, "image_backend", "torch"), "decode_processes": processes, "views": list(getattr(enc, "views", ())),
         "torch_threads": torch.get_num_threads(),
     }
     emit(out, as_json)

@@ -23,8 +23,8 @@ from itertools import product
 
 import click
 
-VIEW_CANDIDATES = {"crop85": ("crop85",), "full+flip": ("full", "flip"),
-                   "tta4": ("full", "flip", "crop85", "crop85flip")}
+VIEW_CANDIDATES = {"crop85": ("crop85",), "crop85+flip": ("crop85", "crop85flip"), "full+crop85": ("full", "crop85"),
+                   "full+flip": ("full", "flip"), "tta4": ("full", "flip", "crop85", "crop85flip")}
 
 
 def _pixels(enc, records):

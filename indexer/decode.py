@@ -25,6 +25,9 @@ class BadImage(Exception):
         self.reason = reason
         self.detail = detail
 
+    def __reduce__(self):  # crosses back from decoding worker processes
+        return (type(self), (self.reason, self.detail))
+
 
 @dataclass(frozen=True)
 class DecodedImage:

@@ -1,10 +1,12 @@
 """One indexing run: scan and compare with the store -> read each changed
-file once on worker threads (hash; decode unless it is a move) -> embed full
-batches -> write rows and vectors together.
+file once on worker threads or processes (hash; decode unless it is a move)
+-> embed full batches -> write rows and vectors together.
 
 The embedding model is handed in as ``embed(list_of_prepared) -> (vectors,
 tokens_or_None)`` with ``prepare(PIL image) -> model input``; this package
-knows nothing of models.
+knows nothing of models. Worker processes (``processes > 0``) get past the
+interpreter lock on many-core machines feeding a GPU; they need ``prepare``
+to be picklable (a module-level function or a ``functools.partial`` of one).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .decode import MAX_FILE_BYTES, BadImage, decode_image
@@ -71,7 +74,7 @@ class _Work:
 class Indexer:
     def __init__(self, store: Store, prepare: Callable, embed: Callable, batch_size: int = 64,
                  threads: int | None = None, draft_size: int | None = None, tokens: TokenStore | None = None,
-                 bias: Callable | None = None):
+                 bias: Callable | None = None, processes: int = 0):
         self.store = store
         self.bias = bias  # vectors -> per-item score bias stored with each row, if the model has one
         self.tokens = tokens
@@ -79,6 +82,7 @@ class Indexer:
         self.embed = embed
         self.batch_size = batch_size
         self.threads = threads or min(8, (os.cpu_count() or 2) * 2)
+        self.processes = processes
         self.draft_size = draft_size
 
     def run(self, roots: Iterable[str], on_skip: Callable[[str, str], None] | None = None,
@@ -133,12 +137,19 @@ class Indexer:
         reused: set[int] = set()
         moved_count = 0
         batches = [changed[s : s + self.batch_size] for s in range(0, len(changed), self.batch_size)]
-        with ThreadPoolExecutor(self.threads) as pool:
-            pending = [pool.submit(self._examine, f, st, gone_by_hash) for f, st in batches[0]] if batches else []
+        gone_hashes = frozenset(gone_by_hash)
+        with self._pool(gone_hashes) as pool:
+            if self.processes:
+                def submit(f, st):
+                    return pool.submit(_examine_in_worker, f, st, self.draft_size, self.prepare)
+            else:
+                def submit(f, st):
+                    return pool.submit(examine, f, st, gone_hashes, self.draft_size, self.prepare)
+            pending = [submit(f, st) for f, st in batches[0]] if batches else []
             for n, batch in enumerate(batches):
                 results = [f.result() for f in pending]
                 if n + 1 < len(batches):  # decode one batch ahead of the model
-                    pending = [pool.submit(self._examine, f, st, gone_by_hash) for f, st in batches[n + 1]]
+                    pending = [submit(f, st) for f, st in batches[n + 1]]
                 moved, touched, ok = [], [], []
                 for (f, state), r in zip(batch, results):
                     if isinstance(r, BadImage):
@@ -154,7 +165,7 @@ class Indexer:
                         moved.append((donors[0], f.path, f.size, f.mtime_ns))
                         continue
                     if decoded is None:  # its donor went to an identical file earlier in the run
-                        decoded = self._decode(f.path, None)
+                        decoded = decode(f.path, None, self.draft_size, self.prepare)
                         if isinstance(decoded, BadImage):
                             skip(f.path, decoded.reason)
                             continue
@@ -189,29 +200,53 @@ class Indexer:
         summary.seconds = time.time() - t0
         return summary
 
-    def _examine(self, f: FoundFile, state, gone_by_hash):
-        """(sha256, decoded or None) of one changed file, read once; or BadImage."""
-        try:
-            if f.size > MAX_FILE_BYTES:
-                return BadImage("too large", f"{f.size} bytes (limit {MAX_FILE_BYTES})")
-            if f.size > HOLD_BYTES:  # hashed as a stream, decoded from the file
-                data, sha = None, file_sha256(f.path)
-            else:
-                with open(f.path, "rb") as fh:
-                    data = fh.read()
-                sha = hashlib.sha256(data).hexdigest()
-        except OSError as exc:
-            return BadImage("unreadable", exc.strerror or str(exc))
-        if (state and state[3] == sha) or (not state and sha in gone_by_hash):
-            return sha, None  # unchanged content or a move: no decoding needed
-        decoded = self._decode(f.path, data)
-        return decoded if isinstance(decoded, BadImage) else (sha, decoded)
+    def _pool(self, gone_hashes: frozenset):
+        if not self.processes:
+            return ThreadPoolExecutor(self.threads)
+        # spawn, not fork: the parent runs model threads that a fork would copy mid-flight
+        return ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_worker, initargs=(gone_hashes,))
 
-    def _decode(self, path: str, data: bytes | None):
-        try:
-            d = decode_image(path, self.draft_size, data)
-            return self.prepare(d.image), d.width, d.height
-        except BadImage as exc:
-            return exc
-        except Exception as exc:  # a decoder bug must not stop the run
-            return BadImage("corrupt", f"{type(exc).__name__}: {exc}")
+
+def examine(f: FoundFile, state, gone_hashes, draft_size: int | None, prepare: Callable):
+    """(sha256, decoded or None) of one changed file, read once; or BadImage.
+    Not decoded when its content is unchanged or a vanished image's (a move)."""
+    try:
+        if f.size > MAX_FILE_BYTES:
+            return BadImage("too large", f"{f.size} bytes (limit {MAX_FILE_BYTES})")
+        if f.size > HOLD_BYTES:  # hashed as a stream, decoded from the file
+            data, sha = None, file_sha256(f.path)
+        else:
+            with open(f.path, "rb") as fh:
+                data = fh.read()
+            sha = hashlib.sha256(data).hexdigest()
+    except OSError as exc:
+        return BadImage("unreadable", exc.strerror or str(exc))
+    if (state and state[3] == sha) or (not state and sha in gone_hashes):
+        return sha, None  # unchanged content or a move: no decoding needed
+    decoded = decode(f.path, data, draft_size, prepare)
+    return decoded if isinstance(decoded, BadImage) else (sha, decoded)
+
+
+def decode(path: str, data: bytes | None, draft_size: int | None, prepare: Callable):
+    """(prepared, width, height) of one image, or BadImage."""
+    try:
+        d = decode_image(path, draft_size, data)
+        return prepare(d.image), d.width, d.height
+    except BadImage as exc:
+        return exc
+    except Exception as exc:  # a decoder bug must not stop the run
+        return BadImage("corrupt", f"{type(exc).__name__}: {exc}")
+
+
+# In a worker process: the hashes of vanished images, sent once at start-up.
+_GONE_HASHES: frozenset = frozenset()
+
+
+def _init_worker(gone_hashes: frozenset) -> None:
+    global _GONE_HASHES
+    _GONE_HASHES = gone_hashes
+
+
+def _examine_in_worker(f: FoundFile, state, draft_size: int | None, prepare: Callable):
+    return examine(f, state, _GONE_HASHES, draft_size, prepare)

@@ -89,9 +89,11 @@ def _print_images(hits) -> None:
 @click.option("--model", default=None, help="Encoder for a new index: xmr-lite2 (default), a Hugging Face CLIP/SigLIP name or folder.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--threads", type=int, default=None, help="Decoding threads (default: 2 per core, at most 8).")
+@click.option("--processes", type=click.IntRange(0, 256), default=0, show_default=True,
+              help="Decode in this many worker processes instead of threads (many-core machines feeding a GPU).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no per-file skip messages.")
 @click.pass_context
-def index(ctx, paths, model, batch_size, threads, quiet):
+def index(ctx, paths, model, batch_size, threads, processes, quiet):
     """Index image files and folders (recursively; incremental)."""
     import time
 
@@ -117,7 +119,7 @@ def index(ctx, paths, model, batch_size, threads, quiet):
             (bar.write(msg, file=sys.stderr) if bar else click.echo(msg, err=True))
 
     summary = engine.index(paths, on_skip=on_skip, progress=progress, on_total=on_total,
-                           batch_size=batch_size, threads=threads)
+                           batch_size=batch_size, threads=threads, processes=processes)
     if bar:
         bar.close()
     d = summary.to_dict()
@@ -285,7 +287,8 @@ def eval_cmd(ctx, dataset, images, split, model, no_rerank, rerank_k, limit, as_
 @click.option("--image-size", type=int, default=None, help="Input resolution (default: the tower's native size).")
 @click.option("--embed-dim", type=int, default=256, show_default=True)
 @click.option("--text-layers", type=int, default=2, show_default=True, help="Top MiniLM layers to fine-tune.")
-@click.option("--stages", default="dual,rerank", show_default=True, help="Comma-separated: dual, rerank.")
+@click.option("--stages", default="dual,rerank,int8", show_default=True,
+              help="Comma-separated: dual, rerank, int8 (the quantized CPU image graph).")
 @click.option("--resume", type=click.Path(exists=True, file_okay=False), help="Start from this checkpoint's dual encoder.")
 @click.option("--epochs", type=int, default=15, show_default=True, help="Dual-encoder epochs (over all captions).")
 @click.option("--batch-size", type=int, default=256, show_default=True)
@@ -326,6 +329,35 @@ def train(dataset, images, out_dir, image_tower, image_size, embed_dim, text_lay
     for name, entry in report.get("rerank", {}).items():
         summary[f"rerank_{name}"] = {s: {k: round(v["rsum"], 1) for k, v in entry.get(s, {}).items()} for s in ("dev", "test")}
     click.echo(json.dumps(summary, indent=2))
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--dataset", required=True, type=click.Path(exists=True),
+              help="Flickr8k-layout folder or Karpathy-split JSON: train images calibrate, dev images check.")
+@click.option("--images", type=click.Path(exists=True, file_okay=False), help="Image folder (for a JSON dataset).")
+@click.option("--calibration", type=click.IntRange(2, 10000), default=256, show_default=True,
+              help="Training images whose activations set the int8 ranges.")
+@click.option("--keep-float-convs", type=click.IntRange(0, 1000), default=8, show_default=True,
+              help="Leading convolutions left in float (the stem and first blocks carry most of the error).")
+def quantize(model, dataset, images, calibration, keep_float_convs):
+    """Make MODEL's int8 image graph for fast CPU indexing.
+
+    MODEL is a checkpoint folder or a shipped model name; the graph
+    (image-int8.onnx) is written into it and used automatically on CPUs
+    while the weights stay the same (XMR_BACKEND=onnx turns it off).
+    """
+    from .encoders import resolve_model
+    from .training.quantize import quantize_from_dataset
+
+    kind, location = resolve_model(model)
+    if kind != "xmr":
+        raise click.ClickException(f"{model}: only xmr checkpoints can be quantized (give the checkpoint, not a variant)")
+    info = quantize_from_dataset(location, dataset, images, calibration, keep_float_convs=keep_float_convs)
+    click.echo(json.dumps(info, indent=2))
+    if not info["kept"]:
+        raise click.ClickException("the int8 graph disagreed with fp32 and was not kept; "
+                                   "try a larger --keep-float-convs")
 
 
 def main() -> None:

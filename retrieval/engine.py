@@ -241,11 +241,22 @@ class Engine:
 
     # -- indexing ---------------------------------------------------------------
     def index(self, paths, on_skip: Callable | None = None, progress: Callable | None = None,
-              on_total: Callable | None = None, batch_size: int = 32, threads: int | None = None) -> IndexSummary:
+              on_total: Callable | None = None, batch_size: int = 32, threads: int | None = None,
+              processes: int = 0) -> IndexSummary:
+        """Bring the index up to date with ``paths``. ``processes > 0`` decodes
+        in that many worker processes instead of threads (many cores feeding a
+        GPU); models whose preprocessing cannot leave the process use threads."""
         enc = self.encoder
-        indexer = Indexer(self.store, enc.prepare, enc.encode_images_with_tokens, batch_size=batch_size, threads=threads,
+        prepare = enc.prepare
+        if processes:
+            prepare = enc.portable_prepare
+            if prepare is None:
+                log.warning("%s decodes on threads: its preprocessing cannot run in worker processes", enc.name)
+                prepare, processes = enc.prepare, 0
+        indexer = Indexer(self.store, prepare, enc.encode_images_with_tokens, batch_size=batch_size, threads=threads,
                           draft_size=enc.input_size, tokens=self.tokens,
-                          bias=self.querybank.image_bias if self.querybank is not None else None)
+                          bias=self.querybank.image_bias if self.querybank is not None else None,
+                          processes=processes)
         summary = indexer.run(paths, on_skip=on_skip, progress=progress, on_total=on_total)
         self._index("images")
         return summary

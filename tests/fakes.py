@@ -11,6 +11,10 @@ from retrieval.encoders.base import DualEncoder
 COLORS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220), "white": (240, 240, 240)}
 
 
+def fake_prepare(image: Image.Image):
+    return np.asarray(image.convert("RGB").resize((16, 16)), np.float32) / 255.0
+
+
 class FakeEncoder(DualEncoder):
     name = "fake"
     version = "1"
@@ -21,7 +25,11 @@ class FakeEncoder(DualEncoder):
         self.images_embedded = 0
 
     def prepare(self, image: Image.Image):
-        return np.asarray(image.convert("RGB").resize((16, 16)), np.float32) / 255.0
+        return fake_prepare(image)
+
+    @property
+    def portable_prepare(self):
+        return fake_prepare
 
     def _color_vec(self, rgb) -> np.ndarray:
         v = np.zeros(self.dim, np.float32)

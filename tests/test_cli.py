@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from retrieval.cli import cli
 
-COMMANDS = ["index", "search", "similar", "captions", "caption", "remove", "status", "eval", "train"]
+COMMANDS = ["index", "search", "similar", "captions", "caption", "remove", "status", "eval", "train", "quantize", "serve"]
 
 
 def run(args, index_dir, ok=True):
@@ -78,3 +78,19 @@ def test_full_cli_flow(tmp_path, mini_images, mini_dataset):
     assert status["images"] == 31
     human = run(["search", "people", "-k", "2"], idx).output
     assert str(mini_images) in human
+
+
+@pytest.mark.slow
+def test_index_files_one_by_one_with_worker_processes(tmp_path, mini_images):
+    """`xmr index *.jpg --processes 2`: every file as its own root, decoded in
+    worker processes with the default model's preprocessing; same vectors as threads."""
+    files = sorted(str(mini_images / n) for n in os.listdir(mini_images))
+    res = run(["index", *files, "--processes", "2"], tmp_path / "p")
+    assert "added 32" in res.output
+    run(["index", str(mini_images)], tmp_path / "t")
+    from retrieval.engine import Engine
+
+    a = Engine.open(tmp_path / "p", reranker="none")
+    b = Engine.open(tmp_path / "t", reranker="none")
+    for f in files[:5]:
+        assert a.store.image_by_path(f).embedding == b.store.image_by_path(f).embedding

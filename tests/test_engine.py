@@ -306,3 +306,23 @@ def test_each_new_file_is_read_once(tmp_path, photos, monkeypatch):
     shutil.move(photos / "blue.jpg", photos / "blue2.jpg")
     assert eng.index([photos]).moved == 1
     assert dict(opened) == {str(photos / "blue2.jpg"): 1}  # a move is hashed, never decoded
+
+
+def test_worker_processes_index_like_threads(tmp_path, photos):
+    """Decoding in worker processes gives the rows threads give: same vectors,
+    bad files skipped with the same reasons, a move still costs no model work."""
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (photos / "notes.png").write_text("hello")
+    by_threads = open_engine(tmp_path / "t")
+    a = by_threads.index([photos])
+    by_procs = open_engine(tmp_path / "p")
+    b = by_procs.index([photos], processes=2)
+    assert (b.added, dict(b.skipped)) == (a.added, dict(a.skipped)) and b.added == 5
+    for name in ("red.jpg", "sub/red2.png", "white.jpg"):
+        ra, rb = by_threads.store.image_by_path(str(photos / name)), by_procs.store.image_by_path(str(photos / name))
+        assert ra.sha256 == rb.sha256 and (ra.width, ra.height) == (rb.width, rb.height)
+        assert ra.embedding == rb.embedding  # float32 bytes
+    before = by_procs.encoder.images_embedded
+    shutil.move(photos / "green.jpg", photos / "green-moved.jpg")
+    c = by_procs.index([photos], processes=2)
+    assert (c.moved, c.added, c.removed) == (1, 0, 0) and by_procs.encoder.images_embedded == before

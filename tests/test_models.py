@@ -166,6 +166,8 @@ def test_training_smoke(tmp_path, flickr8k):
 
     enc = create_encoder(str(out), device="cpu")
     assert enc.dim == 256 and enc.reranker_model is not None
+    # the int8 stage ran (whether 8 calibration images make a graph worth keeping is its own check)
+    assert report["int8"] is None or set(report["int8"]["agreement_vs_fp32"]) >= {"embedding_median", "images"}
 
 
 def test_onnx_image_path_equals_pytorch(tmp_path, monkeypatch):
@@ -179,6 +181,7 @@ def test_onnx_image_path_equals_pytorch(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     path = str(builtin_models()["xmr-lite2"])
     fast = XmrEncoder.from_checkpoint(path, device="cpu")
+    fast.backend = "onnx"  # the fp32 graph; the int8 one is tested below
     slow = XmrEncoder.from_checkpoint(path, device="cpu")
     slow.backend = "torch"
     rng = np.random.default_rng(0)
@@ -189,6 +192,106 @@ def test_onnx_image_path_equals_pytorch(tmp_path, monkeypatch):
     np.testing.assert_allclose(e1, e2, atol=1e-4)
     np.testing.assert_allclose(t1.astype(np.float32), t2.astype(np.float32), atol=2e-2)  # fp16 tokens
     assert list(tmp_path.glob("xmr/onnx/*.onnx"))
+
+
+def _mini_pixels(enc, mini_dataset, n=None):
+    from indexer.decode import decode_image
+    from retrieval.datasets import load_dataset
+
+    recs = load_dataset(mini_dataset)[:n]
+    return [enc.prepare(decode_image(r.path, enc.input_size).image) for r in recs]
+
+
+def _cos(a, b):
+    a, b = a.astype(np.float32), b.astype(np.float32)
+    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+def test_shipped_int8_image_path_agrees_with_pytorch(mini_dataset):
+    """On real photos the shipped int8 graph gives the eager model's embeddings
+    within the tolerance stated in retrieval/training/quantize.py."""
+    from retrieval.encoders import builtin_models, onnx_runtime
+    from retrieval.encoders.xmr import XmrEncoder
+
+    if not onnx_runtime.available():
+        pytest.skip("onnxruntime/onnxscript not installed")
+    path = str(builtin_models()["xmr-lite2"])
+    fast = XmrEncoder.from_checkpoint(path, device="cpu")
+    slow = XmrEncoder.from_checkpoint(path, device="cpu", overrides={})
+    slow.backend = "torch"
+    pixels = _mini_pixels(fast, mini_dataset)
+    e1, t1 = fast.encode_images_with_tokens(pixels)
+    e2, t2 = slow.encode_images_with_tokens(pixels)
+    assert fast.image_backend == "int8" and slow.image_backend == "torch"
+    cos = _cos(e1, e2)
+    assert np.median(cos) >= 0.995 and cos.min() >= 0.98, cos
+    assert np.median(_cos(t1, t2)) >= 0.99
+    # and it is the int8 graph, not an fp32 one: outputs differ from fp32 beyond float noise
+    assert np.abs(e1 - e2).max() > 1e-3
+
+
+def test_int8_graph_of_other_weights_is_not_used(tmp_path, caplog):
+    """A graph made from other weights (a retrained checkpoint) is ignored with a
+    warning; asking for int8 explicitly then fails with a fix in the message."""
+    import onnx
+
+    from retrieval.encoders import builtin_models, onnx_runtime
+    from retrieval.encoders.xmr import XmrEncoder
+    from retrieval.errors import CheckpointError
+    from retrieval.training import checkpoint
+
+    if not onnx_runtime.available():
+        pytest.skip("onnxruntime/onnxscript not installed")
+    src = builtin_models()["xmr-lite2"]
+    for f in src.iterdir():
+        if f.name != checkpoint.INT8_FILE:
+            (tmp_path / f.name).symlink_to(f)
+    graph = onnx.load(str(src / checkpoint.INT8_FILE))
+    for prop in graph.metadata_props:
+        if prop.key == onnx_runtime.DIGEST_KEY:
+            prop.value = "0" * 64
+    onnx.save(graph, str(tmp_path / checkpoint.INT8_FILE))
+
+    enc = XmrEncoder.from_checkpoint(str(tmp_path), device="cpu")
+    assert enc._shipped_int8() is None and "other weights" in caplog.text
+    strict = XmrEncoder.from_checkpoint(str(tmp_path), device="cpu", backend="int8")
+    with pytest.raises(CheckpointError, match="xmr quantize"):
+        strict._onnx_path()
+
+
+@pytest.mark.slow
+def test_quantize_a_checkpoint(tmp_path, mini_dataset, monkeypatch):
+    """`xmr quantize`'s core: calibrate, check against fp32, stamp the weights,
+    record it in config.json; the encoder then runs it."""
+    from retrieval.encoders import builtin_models, onnx_runtime
+    from retrieval.encoders.preprocess import view_batch
+    from retrieval.encoders.xmr import XmrEncoder
+    from retrieval.training import checkpoint
+    from retrieval.training.quantize import quantize_checkpoint
+
+    if not onnx_runtime.available():
+        pytest.skip("onnxruntime/onnxscript not installed")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    src = builtin_models()["xmr-lite2"]
+    for f in src.iterdir():
+        if f.name == "config.json":
+            (folder / f.name).write_text(f.read_text())
+        elif f.name != checkpoint.INT8_FILE:
+            (folder / f.name).symlink_to(f)
+    enc = XmrEncoder.from_checkpoint(str(folder), device="cpu")
+    pixels = np.stack(_mini_pixels(enc, mini_dataset))
+    calib, check = view_batch(pixels[:16], "crop85"), pixels[16:]
+    info = quantize_checkpoint(folder, calib, check)
+    assert info["kept"] and info["agreement_vs_fp32"]["images"] == 16
+    assert info["agreement_vs_fp32"]["embedding_median"] >= 0.995
+    assert checkpoint.read_config(folder)["int8"]["calibration_images"] == 16
+    runner = onnx_runtime.OnnxImagePath.shipped_int8(folder, checkpoint.image_weights_digest(folder))
+    assert runner is not None and runner.batch == 2
+    fresh = XmrEncoder.from_checkpoint(str(folder), device="cpu")
+    fresh.encode_images(list(check[:3]))
+    assert fresh.image_backend == "int8"
 
 
 def test_views_on_tensors_equal_pillow_bit_for_bit():
@@ -208,15 +311,19 @@ def test_views_on_tensors_equal_pillow_bit_for_bit():
 
 def test_shipped_variants_share_weights_but_not_versions():
     from retrieval.encoders import builtin_variants, create_encoder
-    from retrieval.encoders.preprocess import view_batch
+    from retrieval.encoders.preprocess import VIEWS, view_batch, view_batches
 
-    assert {"xmr-lite2-flip", "xmr-lite2-tta"} <= set(builtin_variants())
+    assert {"xmr-lite2-fast", "xmr-lite2-flip", "xmr-lite2-tta"} <= set(builtin_variants())
     base = create_encoder("xmr-lite2", device="cpu")
+    fast = create_encoder("xmr-lite2-fast", device="cpu")
     tta = create_encoder("xmr-lite2-tta", device="cpu")
-    assert base.views == ("crop85",) and len(tta.views) == 4
-    assert base.version != tta.version  # an index built with one refuses the other
+    assert base.views == ("crop85", "crop85flip") and fast.views == ("crop85",) and len(tta.views) == 4
+    assert len({base.version, fast.version, tta.version}) == 3  # an index built with one refuses the others
     a = np.random.default_rng(0).integers(0, 255, (1, 260, 260, 3), dtype=np.uint8)
     np.testing.assert_array_equal(view_batch(view_batch(a, "flip"), "flip"), a)
+    for order in (VIEWS, tuple(reversed(VIEWS)), ("crop85flip",)):  # shared crop = separate views
+        for view, got in view_batches(a, order):
+            np.testing.assert_array_equal(got, view_batch(a, view))
     assert view_batch(a, "crop85").shape == a.shape
     with pytest.raises(ValueError, match="unknown view"):
         view_batch(a, "zoom")

@@ -35,6 +35,12 @@ class DualEncoder(ABC):
     def prepare(self, image: Image.Image):
         ...
 
+    @property
+    def portable_prepare(self):
+        """``prepare`` as a picklable callable, so decoding can run in worker
+        processes; None where it needs the live encoder (threads then)."""
+        return None
+
     @abstractmethod
     def _embed_images(self, prepared: list) -> np.ndarray:
         ...

@@ -2,8 +2,14 @@
 by ONNX Runtime on the CPU: 2.5x the images/s of eager PyTorch on the 2-core
 dev machine, equal within 1e-4 (benchmarks/RESULTS.md, tests/test_models.py).
 
-The graph is exported once per model version and batch size into the user's
-cache directory and reused.
+Two graphs:
+
+- fp32, exported once per model version and batch size into the user's
+  cache directory and reused;
+- int8, shipped inside a checkpoint folder (``image-int8.onnx``, made by
+  ``xmr quantize`` from training images, retrieval/training/quantize.py),
+  about 1.5x faster again. It names the weights it was made from in its
+  metadata and is only used while they match.
 """
 
 from __future__ import annotations
@@ -76,18 +82,40 @@ def export(model, reranker_model, path: Path, batch: int) -> Path:
     return path
 
 
+DIGEST_KEY = "xmr_image_weights_sha256"  # metadata of an int8 graph: the weights it was made from
+
+
 class OnnxImagePath:
     """Runs fixed-size batches; a short last batch is padded and trimmed."""
 
-    def __init__(self, path: Path, batch: int, threads: int | None = None):
+    def __init__(self, path: Path, batch: int | None = None, threads: int | None = None):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
         opts.inter_op_num_threads = 1
+        self.path = Path(path)
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        self.batch = batch
+        static = self.session.get_inputs()[0].shape[0]
+        self.batch = batch or (static if isinstance(static, int) else 1)
         self.has_tokens = len(self.session.get_outputs()) > 1
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+
+    @classmethod
+    def shipped_int8(cls, folder: str | Path, digest: str) -> "OnnxImagePath | None":
+        """The int8 graph of a checkpoint folder, or None where it has none or it
+        was made from other weights than ``digest`` names (then it says so)."""
+        from ..training.checkpoint import INT8_FILE
+
+        path = Path(folder) / INT8_FILE
+        if not path.is_file():
+            return None
+        runner = cls(path)
+        if runner.metadata.get(DIGEST_KEY) != digest:
+            log.warning("%s was made from other weights than %s holds now; ignoring it "
+                        "(run `xmr quantize` to remake it)", path, folder)
+            return None
+        return runner
 
     @classmethod
     def for_model(cls, model, reranker_model, key: str, batch: int = 2) -> "OnnxImagePath":

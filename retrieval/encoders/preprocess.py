@@ -124,3 +124,17 @@ def view_batch(batch, view: str):
     if view == "crop85flip":
         return _flip(_center_crop(batch, 0.85))
     raise ValueError(f"unknown view {view!r}; choose from {', '.join(VIEWS)}")
+
+
+def view_batches(batch, views):
+    """``(view, pixels)`` for each of ``views`` in order; the mirrored centre
+    crop reuses the centre crop when both are asked for (the crop's resize is
+    most of a view's cost)."""
+    crop = None
+    for view in views:
+        if view in ("crop85", "crop85flip"):
+            if crop is None:
+                crop = _center_crop(batch, 0.85)
+            yield view, (_flip(crop) if view == "crop85flip" else crop)
+        else:
+            yield view, view_batch(batch, view)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -10,11 +11,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..errors import CheckpointError
 from .base import DualEncoder
 from .base import l2_normalize
-from .preprocess import VIEWS, squash_resize, view_batch
+from .preprocess import VIEWS, squash_resize, view_batches
 
 log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "int8", "onnx", "torch")
 
 
 def _pick_device(device: str | None):
@@ -28,7 +32,8 @@ def _pick_device(device: str | None):
 class XmrEncoder(DualEncoder):
     def __init__(self, model, name: str, version: str, reranker_model=None, fusion_weight: float = 0.0,
                  device=None, batch_size: int | None = None, backend: str | None = None,
-                 views: tuple[str, ...] = ("full",), weights_key: str | None = None, querybank=None):
+                 views: tuple[str, ...] = ("full",), weights_key: str | None = None, querybank=None,
+                 checkpoint_dir: str | None = None):
         self.model = model
         self.name = name
         self.version = version
@@ -41,11 +46,14 @@ class XmrEncoder(DualEncoder):
         # activations of these depthwise-conv towers in cache: batch 2 ran 3.5x
         # faster than batch 32 on the 2-core dev machine (benchmarks/RESULTS.md).
         self.batch_size = batch_size or (128 if self.device.type == "cuda" else 2)
-        # "onnx" (ONNX Runtime for the image side, CPU only), "torch", or "auto":
-        # onnx on the CPU when onnxruntime is installed. Env XMR_BACKEND overrides.
+        # Image side on the CPU: "int8" (the checkpoint's quantized ONNX graph),
+        # "onnx" (fp32 ONNX Runtime), "torch", or "auto": int8 where the
+        # checkpoint ships a current one, else onnx when onnxruntime is
+        # installed, else torch. Env XMR_BACKEND overrides. On a GPU: torch.
         self.backend = backend or os.environ.get("XMR_BACKEND", "auto")
-        if self.backend not in ("auto", "onnx", "torch"):
-            raise ValueError(f"unknown backend {self.backend!r}; choose auto, onnx or torch")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; choose {', '.join(BACKENDS)}")
+        self.checkpoint_dir = checkpoint_dir
         self._onnx = None
         unknown = [v for v in views if v not in VIEWS]
         if unknown:
@@ -61,7 +69,7 @@ class XmrEncoder(DualEncoder):
 
     @classmethod
     def from_checkpoint(cls, path: str, name: str | None = None, device: str | None = None,
-                        overrides: dict | None = None) -> "XmrEncoder":
+                        overrides: dict | None = None, backend: str | None = None) -> "XmrEncoder":
         """Load a checkpoint folder; ``overrides`` (a registered variant's
         settings: ``views``, ``fusion_weight``, ``querybank``) replace the checkpoint's."""
         import json
@@ -87,11 +95,16 @@ class XmrEncoder(DualEncoder):
             h.update(bank.images.tobytes())
         label = name if name and "/" not in name else Path(path).name
         return cls(model, label, h.hexdigest()[:12], reranker, float(settings["fusion_weight"]), device,
-                   views=tuple(settings["views"]), weights_key=f"{Path(path).name}-{weights_key}", querybank=bank)
+                   backend=backend, views=tuple(settings["views"]), weights_key=f"{Path(path).name}-{weights_key}",
+                   querybank=bank, checkpoint_dir=str(path))
 
     # -- preprocessing ----------------------------------------------------------
     def prepare(self, image: Image.Image) -> np.ndarray:
         return squash_resize(image, self.input_size)
+
+    @property
+    def portable_prepare(self):
+        return functools.partial(squash_resize, size=self.input_size)
 
     @property
     def tokenizer(self):
@@ -105,22 +118,50 @@ class XmrEncoder(DualEncoder):
 
     # -- forward passes -----------------------------------------------------------
     def _onnx_path(self):
-        """The ONNX Runtime image path, or None where the backend is torch."""
+        """The ONNX Runtime image path (int8 or fp32), or None where the backend is torch."""
         if self._onnx is None and self.device.type == "cpu" and self.backend != "torch":
             from . import onnx_runtime
 
             if onnx_runtime.available():
                 try:
-                    self._onnx = onnx_runtime.OnnxImagePath.for_model(
-                        self.model, self.reranker_model, self.weights_key, self.batch_size)
+                    self._onnx = self._shipped_int8() if self.backend in ("auto", "int8") else None
+                    if self._onnx is None:
+                        self._onnx = onnx_runtime.OnnxImagePath.for_model(
+                            self.model, self.reranker_model, self.weights_key, self.batch_size)
+                        self.backend = "onnx"
+                except CheckpointError:
+                    raise
                 except Exception as exc:  # export problems must not stop indexing
                     log.warning("ONNX Runtime path unavailable (%s); using PyTorch", exc)
                     self.backend = "torch"
-            elif self.backend == "onnx":
-                raise ImportError("backend onnx needs onnxruntime and onnxscript: pip install onnxruntime onnxscript")
+            elif self.backend in ("onnx", "int8"):
+                raise ImportError(f"backend {self.backend} needs onnxruntime and onnxscript: "
+                                  "pip install onnxruntime onnxscript")
             else:
                 self.backend = "torch"
         return self._onnx
+
+    def _shipped_int8(self):
+        from ..training import checkpoint
+        from .onnx_runtime import OnnxImagePath
+
+        runner = None
+        if self.checkpoint_dir is not None:
+            runner = OnnxImagePath.shipped_int8(self.checkpoint_dir,
+                                                checkpoint.image_weights_digest(self.checkpoint_dir))
+        if runner is None and self.backend == "int8":
+            raise CheckpointError(f"{self.name} has no current int8 image graph "
+                                  f"({checkpoint.INT8_FILE}); make one with `xmr quantize`, or use XMR_BACKEND=onnx")
+        if runner is not None:
+            self.backend = "int8"
+        return runner
+
+    @property
+    def image_backend(self) -> str:
+        """What runs the image side: int8, onnx or torch (settled by the first batch)."""
+        if self.device.type != "cpu":
+            return f"torch ({self.device.type})"
+        return self.backend
 
     def _images(self, prepared: list, with_tokens: bool):
         """Sum of the views' normalised embeddings; tokens of the first view."""
@@ -128,8 +169,8 @@ class XmrEncoder(DualEncoder):
         runner = self._onnx_path()
         if runner is not None:
             total, tokens = None, None
-            for n, view in enumerate(self.views):
-                emb, tok = runner(view_batch(batch, view))
+            for n, (_, pixels) in enumerate(view_batches(batch, self.views)):
+                emb, tok = runner(pixels)
                 emb = l2_normalize(emb)
                 total = emb if total is None else total + emb
                 if n == 0 and with_tokens:
@@ -151,9 +192,9 @@ class XmrEncoder(DualEncoder):
                 px = px.pin_memory().to(self.device, non_blocking=True)
             total = None
             with torch.inference_mode(), self._autocast():
-                for n, view in enumerate(self.views):
+                for n, (_, pixels) in enumerate(view_batches(px, self.views)):
                     want_tokens = with_tokens and n == 0
-                    emb, levels = self.model.image_forward(self.model.normalize_pixels(view_batch(px, view)),
+                    emb, levels = self.model.image_forward(self.model.normalize_pixels(pixels),
                                                            with_regions=want_tokens)
                     emb = F.normalize(emb.float(), dim=-1)
                     total = emb if total is None else total + emb

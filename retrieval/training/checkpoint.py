@@ -17,6 +17,7 @@ CONFIG = "config.json"
 IMAGE_FILE = "image.safetensors"
 TEXT_FILE = "text.safetensors"
 RERANKER_FILE = "reranker.safetensors"
+INT8_FILE = "image-int8.onnx"  # the image path quantized for ONNX Runtime (retrieval/training/quantize.py)
 _FP16_MIN_NUMEL = 4096
 
 
@@ -59,6 +60,21 @@ def save_checkpoint(out_dir: str | os.PathLike, config: dict, dual=None, reranke
     tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, out / CONFIG)
     return out
+
+
+def image_weights_digest(ckpt_dir: str | os.PathLike) -> str:
+    """sha256 of the weights the image path is made of (image tower + head, and the
+    reranker's region projection): a derived file such as the int8 graph names
+    it, so a retrained checkpoint never runs a stale graph."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in (IMAGE_FILE, RERANKER_FILE):
+        path = Path(ckpt_dir) / name
+        if path.is_file():
+            h.update(name.encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
 
 
 def read_config(ckpt_dir: str | os.PathLike) -> dict:

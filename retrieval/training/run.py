@@ -51,7 +51,7 @@ class TrainJob:
     image_size: int | None = None
     embed_dim: int = 256
     text_trainable_layers: int = 2
-    stages: tuple[str, ...] = ("dual", "rerank")
+    stages: tuple[str, ...] = ("dual", "rerank", "int8")
     resume: str | None = None
     ablations: tuple[str, ...] = ()
     limit: int | None = None
@@ -185,6 +185,8 @@ def run_training(job: TrainJob, progress_factory=None) -> dict:
                 checkpoint.save_checkpoint(out, {"fusion_weight": weight, "rerank_k": opts.select_k,
                                                  "rerank_dev": entry.get("dev"), "rerank_test": entry.get("test")},
                                            reranker=rr)
+    if "int8" in job.stages:
+        report["int8"] = _quantize(out, job)
     report["seconds"] = time.time() - t_start
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -223,6 +225,22 @@ def _fit_querybank(model, splits, feats, device, out: Path, report: dict):
     log.info("query bank: beta %s alpha %s, dev rsum %.1f -> %.1f", best["querybank"]["beta"],
              best["querybank"]["alpha"], none["report"]["rsum"], best["report"]["rsum"])
     return bank
+
+
+def _quantize(out: Path, job: TrainJob) -> dict | None:
+    """The int8 CPU image graph of the checkpoint just written (skipped, with a
+    warning, where onnxruntime or onnxscript is missing)."""
+    from ..encoders import onnx_runtime
+    from .quantize import quantize_from_dataset
+
+    if not onnx_runtime.available():
+        log.warning("int8 stage skipped: needs onnxruntime and onnxscript")
+        return None
+    n = job.limit or 200  # smoke runs (--limit) stay small
+    info = quantize_from_dataset(out, job.dataset, job.images, n_calibration=min(256, n), n_check=min(200, n))
+    log.info("int8 image graph: median cosine to fp32 %.4f (%s)", info["agreement_vs_fp32"]["embedding_median"],
+             "kept" if info["kept"] else "not kept")
+    return info
 
 
 def _job_dict(job: TrainJob) -> dict:
