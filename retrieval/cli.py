@@ -353,7 +353,10 @@ def quantize(model, dataset, images, calibration, keep_float_convs):
     kind, location = resolve_model(model)
     if kind != "xmr":
         raise click.ClickException(f"{model}: only xmr checkpoints can be quantized (give the checkpoint, not a variant)")
-    info = quantize_from_dataset(location, dataset, images, calibration, keep_float_convs=keep_float_convs)
+    try:
+        info = quantize_from_dataset(location, dataset, images, calibration, keep_float_convs=keep_float_convs)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(info, indent=2))
     if not info["kept"]:
         raise click.ClickException("the int8 graph disagreed with fp32 and was not kept; "

@@ -56,12 +56,22 @@ def view_pixels(records: list, size: int, threads: int = 4) -> np.ndarray:
     turn from VIEWS, so the ranges cover every view a variant may use."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from indexer.decode import decode_image
+    from indexer.decode import BadImage, decode_image
 
     from ..encoders.preprocess import VIEWS, squash_resize, view_batch
 
+    def load(record):
+        try:
+            return squash_resize(decode_image(record.path, size).image, size)
+        except BadImage as exc:
+            log.warning("skipped %s: %s", record.path, exc)
+            return None
+
     with ThreadPoolExecutor(threads) as pool:
-        squares = np.stack(list(pool.map(lambda r: squash_resize(decode_image(r.path, size).image, size), records)))
+        squares = [sq for sq in pool.map(load, records) if sq is not None]
+    if not squares:
+        raise ValueError("none of the images could be decoded")
+    squares = np.stack(squares)
     out = np.empty_like(squares)
     for n, view in enumerate(VIEWS):
         out[n :: len(VIEWS)] = view_batch(squares[n :: len(VIEWS)], view)
