@@ -31,24 +31,14 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from .walk import outermost
+
 SCHEMA_VERSION = 2
 
 
 # Paths per query of Store.iter_rows_under: each adds one LIKE to an OR chain,
 # and SQLite refuses expressions deeper than 1,000.
 PREFIXES_PER_QUERY = 250
-
-
-def _outermost(prefixes: Iterable[str]) -> list[str]:
-    """The prefixes that are not equal to or below another one, sorted."""
-    kept: set[str] = set()
-    for p in sorted({p.rstrip(os.sep) or os.sep for p in prefixes}, key=len):  # parents before children
-        parent, up = p, os.path.dirname(p)
-        while up != parent and up not in kept:
-            parent, up = up, os.path.dirname(up)
-        if up == parent:  # reached the top without meeting a kept folder
-            kept.add(p)
-    return sorted(kept)
 
 
 class StoreError(Exception):
@@ -245,7 +235,7 @@ class Store:
         order within each group of PREFIXES_PER_QUERY prefixes: SQLite caps
         the depth of an expression, so a long list (``xmr index *.jpg``) is
         asked in groups."""
-        roots = _outermost(prefixes)
+        roots = outermost(p.rstrip(os.sep) or os.sep for p in prefixes)
         for g in range(0, len(roots), PREFIXES_PER_QUERY):
             group = roots[g : g + PREFIXES_PER_QUERY]
             under = ImageRow.path.in_(group)

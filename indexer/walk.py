@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from .decode import is_image_name
@@ -54,16 +54,26 @@ def stat_file(path: str) -> FoundFile | SkippedFile:
     return FoundFile(path, st.st_size, st.st_mtime_ns)
 
 
+def outermost(paths: Iterable[str], is_folder: Callable[[str], bool] = lambda p: True) -> list[str]:
+    """``paths`` sorted, without duplicates and without those lying below
+    another kept path that ``is_folder`` accepts. Each path's ancestors are
+    looked up in a set, so thousands of paths (``xmr index *.jpg``) cost
+    little."""
+    kept: set[str] = set()
+    for path in sorted(set(paths), key=len):  # parents before their children
+        child, up = path, os.path.dirname(path)
+        while up != child and not (up in kept and is_folder(up)):
+            child, up = up, os.path.dirname(up)
+        if up == child:  # reached the top without meeting a kept folder
+            kept.add(path)
+    return sorted(kept)
+
+
 def normalise_roots(roots: Iterable[str | os.PathLike]) -> list[str]:
     """Absolute, sorted roots without duplicates or roots inside another root
     (their files are walked anyway), so that a scan meets each path once
     without remembering the paths it has met."""
-    out: list[str] = []
-    for root in sorted({os.path.abspath(os.fspath(r)) for r in roots}):
-        if any(root.startswith(o.rstrip(os.sep) + os.sep) for o in out if os.path.isdir(o)):
-            continue
-        out.append(root)
-    return out
+    return outermost((os.path.abspath(os.fspath(r)) for r in roots), os.path.isdir)
 
 
 def scan(roots: Iterable[str | os.PathLike]) -> Iterator[FoundFile | SkippedFile]:

@@ -94,7 +94,6 @@ class OnnxImagePath:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
         opts.inter_op_num_threads = 1
-        self.path = Path(path)
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         static = self.session.get_inputs()[0].shape[0]
         self.batch = batch or (static if isinstance(static, int) else 1)

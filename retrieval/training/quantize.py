@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..encoders.base import l2_normalize
 from . import checkpoint
 
 log = logging.getLogger(__name__)
@@ -93,9 +94,7 @@ def quantize_from_dataset(folder: str | Path, dataset: str, images: str | None =
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a.astype(np.float32)
-    b = b.astype(np.float32)
-    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
+    return (l2_normalize(a) * l2_normalize(b)).sum(-1)
 
 
 def agreement(reference, candidate, pixels: np.ndarray) -> Agreement:
@@ -163,7 +162,8 @@ def quantize_checkpoint(folder: str | Path, calibration: np.ndarray, check: np.n
     """Make ``image-int8.onnx`` in a checkpoint folder and record it in its config.
 
     ``calibration`` and ``check`` are uint8 image batches ``[N, S, S, 3]``
-    already in the model's views (training images and held-out images). The
+    already in test-time views (training images and held-out images;
+    :func:`view_pixels` makes them). The
     graph is kept only when its embeddings agree with fp32 (median cosine
     >= MIN_MEDIAN_COSINE); returns what was measured and whether it was kept.
     """
