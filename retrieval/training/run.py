@@ -231,13 +231,15 @@ def _quantize(out: Path, job: TrainJob) -> dict | None:
     """The int8 CPU image graph of the checkpoint just written (skipped, with a
     warning, where onnxruntime or onnxscript is missing)."""
     from ..encoders import onnx_runtime
-    from .quantize import quantize_from_dataset
+    from .quantize import CALIBRATION_IMAGES, quantize_from_dataset
 
     if not onnx_runtime.available():
         log.warning("int8 stage skipped: needs onnxruntime and onnxscript")
         return None
-    n = job.limit or 200  # smoke runs (--limit) stay small
-    info = quantize_from_dataset(out, job.dataset, job.images, n_calibration=min(256, n), n_check=min(200, n))
+    n_calibration, n_check = CALIBRATION_IMAGES, 200
+    if job.limit:  # smoke runs stay small
+        n_calibration, n_check = min(n_calibration, job.limit), min(n_check, job.limit)
+    info = quantize_from_dataset(out, job.dataset, job.images, n_calibration=n_calibration, n_check=n_check)
     log.info("int8 image graph: median cosine to fp32 %.4f (%s)", info["agreement_vs_fp32"]["embedding_median"],
              "kept" if info["kept"] else "not kept")
     return info
