@@ -65,10 +65,25 @@ class _Attention(nn.Module):
         self.attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, ctx_pad: torch.Tensor | None) -> torch.Tensor:
-        q = self.norm_q(x)
+        """``ctx_pad``: ``[B, S]``, true at context positions to ignore."""
+        # nn.MultiheadAttention's own computation, written out on its parameters:
+        # its mask check imports sympy (about half a second at the first query).
+        mha = self.attn
+        b, n, d = x.shape
+        h = mha.num_heads
+        w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = mha.in_proj_bias.chunk(3)
+        q = F.linear(self.norm_q(x), w_q, b_q)
         kv = self.norm_kv(ctx)
-        out, _ = self.attn(q, kv, kv, key_padding_mask=ctx_pad, need_weights=False)
-        return x + out
+        k, v = F.linear(kv, w_k, b_k), F.linear(kv, w_v, b_v)
+
+        def heads(t):
+            return t.view(b, -1, h, d // h).transpose(1, 2)
+
+        keep = None if ctx_pad is None else ~ctx_pad[:, None, None, :]
+        out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=keep,
+                                             dropout_p=mha.dropout if self.training else 0.0)
+        return x + mha.out_proj(out.transpose(1, 2).reshape(b, n, d))
 
 
 class _FeedForward(nn.Module):

@@ -56,10 +56,15 @@ def cli(ctx, index_dir, verbose):
 
 
 def _quiet_transformers() -> None:
-    from transformers.utils import logging as hf_logging
+    """No info logs or weight-loading bars from transformers, without importing
+    it (only Hugging Face models need it; the import costs about a second)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # already imported: its settings are read
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
 
 
 def _open(ctx, model=None, create=False, rerank=True, reranker=None):
@@ -361,6 +366,39 @@ def quantize(model, dataset, images, calibration, keep_float_convs):
     if not info["kept"]:
         raise click.ClickException("the int8 graph disagreed with fp32 and was not kept; "
                                    "try a larger --keep-float-convs")
+
+
+@cli.command("retune-reranker")
+@click.argument("model")
+@click.option("--dataset", required=True, type=click.Path(exists=True),
+              help="Flickr8k-layout folder or Karpathy-split JSON: train retunes, dev selects.")
+@click.option("--images", type=click.Path(exists=True, file_okay=False), help="Image folder (for a JSON dataset).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="New checkpoint folder to write.")
+@click.option("--epochs", type=click.IntRange(1, 100), default=1, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--pool", type=click.IntRange(4, 100000), default=256, show_default=True,
+              help="Negatives are drawn from each query's top POOL wrong candidates by the engine's recall scores.")
+@click.option("--limit", type=click.IntRange(2, None), default=None, help="Use only the first N images of each split.")
+def retune_reranker(model, dataset, images, out, epochs, lr, pool, limit):
+    """Retune MODEL's reranker on the features the engine uses (its views,
+    stored region tokens, query-bank corrected recall), writing a copy of the
+    checkpoint with the new reranker to --out. The region projection stays
+    fixed: indexes keep their stored tokens, but a changed checkpoint is a new
+    model version (index with --model OUT).
+    """
+    from .encoders import resolve_model
+    from .errors import CheckpointError
+    from .training.retune import RetuneOptions, retune_checkpoint
+
+    kind, location = resolve_model(model)
+    if kind != "xmr":
+        raise click.ClickException(f"{model}: only xmr checkpoints have our reranker (give the checkpoint, not a variant)")
+    try:
+        info = retune_checkpoint(location, out, dataset, images, RetuneOptions(epochs=epochs, lr=lr, pool=pool),
+                                 limit=limit, progress_factory=_progress)
+    except (ValueError, CheckpointError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(info, indent=2))
 
 
 def main() -> None:

@@ -43,3 +43,37 @@ def apply_rerank(sim: np.ndarray, rows: np.ndarray, cols: np.ndarray, scores: np
     lift = float(np.abs(sim).max()) + 1.0 + float(np.abs(scores).max()) * 2
     out[rows, cols] = lift + scores
     return out
+
+
+def rsum_of_ranks(i2t: np.ndarray, t2i: np.ndarray, ks=KS) -> float:
+    return sum(recalls(i2t, ks).values()) + sum(recalls(t2i, ks).values())
+
+
+def bootstrap_rsum_delta(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray],
+                         text_image: np.ndarray, n_boot: int = 2000, seed: int = 0,
+                         level: float = 0.95) -> dict:
+    """How sure is "B beats A"? Paired bootstrap over images of rsum(B) - rsum(A).
+
+    ``a`` and ``b`` are ``(i2t ranks [n_img], t2i ranks [n_txt])`` of two
+    systems on the same split. Each resample draws images with replacement and
+    keeps every caption of a drawn image, so both directions move together.
+    Returns the observed delta, the interval at ``level`` and the share of
+    resamples where B is not better.
+    """
+    n_img = len(a[0])
+    if len(b[0]) != n_img or len(a[1]) != len(text_image) or len(b[1]) != len(text_image):
+        raise ValueError("both systems must be ranked on the same images and captions")
+    ks = np.asarray(KS)
+    # per-item hit counts summed over the three K: rsum = 100 * (mean over images + mean over captions)
+    hi = (a[0][:, None] < ks).sum(1) - (b[0][:, None] < ks).sum(1)
+    ht = (a[1][:, None] < ks).sum(1) - (b[1][:, None] < ks).sum(1)
+    cap_sum = np.bincount(text_image, weights=ht, minlength=n_img)  # per image: its captions' deltas
+    cap_n = np.bincount(text_image, minlength=n_img)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n_img, size=(n_boot, n_img))
+    counts = np.stack([np.bincount(d, minlength=n_img) for d in draws])  # [n_boot, n_img]
+    deltas = -100.0 * (counts @ hi / n_img + (counts @ cap_sum) / np.maximum(counts @ cap_n, 1))
+    observed = -100.0 * (hi.mean() + ht.mean())
+    lo, up = np.quantile(deltas, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return {"delta": float(observed), "low": float(lo), "high": float(up),
+            "p_not_better": float(np.mean(deltas <= 0))}

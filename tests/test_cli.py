@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from retrieval.cli import cli
 
-COMMANDS = ["index", "search", "similar", "captions", "caption", "remove", "status", "eval", "train", "quantize", "serve"]
+COMMANDS = ["index", "search", "similar", "captions", "caption", "remove", "status", "eval", "train", "quantize", "retune-reranker", "serve"]
 
 
 def run(args, index_dir, ok=True):
@@ -94,3 +94,43 @@ def test_index_files_one_by_one_with_worker_processes(tmp_path, mini_images):
     b = Engine.open(tmp_path / "t", reranker="none")
     for f in files[:5]:
         assert a.store.image_by_path(f).embedding == b.store.image_by_path(f).embedding
+
+
+@pytest.mark.slow
+def test_retune_reranker_writes_a_loadable_checkpoint(tmp_path, flickr8k):
+    """`xmr retune-reranker` on a few images: a new checkpoint whose reranker
+    changed but whose region projection (the stored tokens) did not."""
+    import torch
+
+    from retrieval.encoders import builtin_models, create_encoder
+    from retrieval.training import checkpoint
+
+    out = tmp_path / "retuned"
+    res = CliRunner().invoke(cli, ["retune-reranker", "xmr-lite2", "--dataset", str(flickr8k), "--out", str(out),
+                                   "--limit", "24", "--pool", "16"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    assert [h["epoch"] for h in info["history"]] == [0, 1]
+    meta = checkpoint.read_config(out)
+    assert meta["reranker_retune"]["options"]["pool"] == 16
+    assert meta["fusion_weight"] == info["fusion_weight"]
+    old = checkpoint.load_reranker(builtin_models()["xmr-lite2"]).state_dict()
+    new = checkpoint.load_reranker(out).state_dict()
+    proj = [k for k in old if k.startswith("level_proj.")]
+    assert proj and all(torch.equal(old[k], new[k]) for k in proj)
+    if info["best_epoch"] == 1:  # the epoch was kept: the rest of the reranker moved
+        assert any(not torch.equal(old[k], new[k]) for k in old if k not in proj)
+    enc = create_encoder(str(out), device="cpu")
+    assert enc.encode_texts(["a dog"]).shape == (1, enc.dim)
+    # what an index stores did not change: the int8 graph stays current, and the
+    # model version too unless the fusion weight moved
+    import numpy as np
+
+    enc.encode_images([np.zeros((enc.input_size, enc.input_size, 3), np.uint8)])
+    assert enc.image_backend == "int8"
+    shipped = create_encoder("xmr-lite2", device="cpu")
+    assert checkpoint.image_weights_digest(out) == checkpoint.image_weights_digest(builtin_models()["xmr-lite2"])
+    assert (enc.version == shipped.version) == (info["fusion_weight"] == shipped.fusion_weight)
+    # a second run into the same folder is refused, nothing overwritten
+    again = CliRunner().invoke(cli, ["retune-reranker", "xmr-lite2", "--dataset", str(flickr8k), "--out", str(out)])
+    assert again.exit_code != 0 and "not empty" in again.output

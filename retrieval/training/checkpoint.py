@@ -62,19 +62,44 @@ def save_checkpoint(out_dir: str | os.PathLike, config: dict, dual=None, reranke
     return out
 
 
+REGION_PROJECTION = "level_proj."  # the reranker's part that makes the region tokens an index stores
+# config.json keys that change nothing an index stores (left out of the model version)
+UNVERSIONED_KEYS = ("reranker_retune",)
+
+
 def image_weights_digest(ckpt_dir: str | os.PathLike) -> str:
     """sha256 of the weights the image path is made of (image tower + head, and the
     reranker's region projection): a derived file such as the int8 graph names
-    it, so a retrained checkpoint never runs a stale graph."""
+    it, so a retrained checkpoint never runs a stale graph. Retuning the rest
+    of the reranker (`xmr retune-reranker`) leaves it unchanged."""
     import hashlib
 
+    from safetensors import safe_open
+
     h = hashlib.sha256()
-    for name in (IMAGE_FILE, RERANKER_FILE):
-        path = Path(ckpt_dir) / name
-        if path.is_file():
-            h.update(name.encode())
-            h.update(path.read_bytes())
+    image = Path(ckpt_dir) / IMAGE_FILE
+    if image.is_file():
+        h.update(IMAGE_FILE.encode())
+        h.update(image.read_bytes())
+    reranker = Path(ckpt_dir) / RERANKER_FILE
+    if reranker.is_file():
+        with safe_open(str(reranker), "pt") as f:
+            for key in sorted(k for k in f.keys() if k.startswith(REGION_PROJECTION)):
+                h.update(key.encode())
+                h.update(f.get_tensor(key).contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def version_bytes(ckpt_dir: str | os.PathLike) -> bytes:
+    """The bytes of config.json that name the model: the file as written,
+    less the keys that change nothing an index stores (so retuning the
+    reranker does not invalidate indexes)."""
+    raw = (Path(ckpt_dir) / CONFIG).read_bytes()
+    meta = json.loads(raw)
+    if not any(k in meta for k in UNVERSIONED_KEYS):
+        return raw
+    kept = {k: v for k, v in meta.items() if k not in UNVERSIONED_KEYS}
+    return (json.dumps(kept, indent=2, sort_keys=True) + "\n").encode()
 
 
 def read_config(ckpt_dir: str | os.PathLike) -> dict:
@@ -105,7 +130,8 @@ def _load_into(module: torch.nn.Module, files: list[Path]) -> None:
     for k, v in state.items():
         if own[k].shape != v.shape:
             raise CheckpointError(f"checkpoint tensor {k} has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}")
-    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
+    # assign: the converted tensors become the parameters (no second copy)
+    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False, assign=True)
 
 
 def load_dual(ckpt_dir: str | os.PathLike, pretrained_towers: bool = True):
@@ -114,9 +140,28 @@ def load_dual(ckpt_dir: str | os.PathLike, pretrained_towers: bool = True):
     meta = read_config(ckpt_dir)
     if "model" not in meta:
         raise CheckpointError(f"{ckpt_dir}: holds no dual encoder")
-    model = XmrDualModel(XmrModelConfig.from_dict(meta["model"]), pretrained=pretrained_towers)
-    _load_into(model, [Path(ckpt_dir) / IMAGE_FILE, Path(ckpt_dir) / TEXT_FILE])
+    # Every checkpoint stores the whole image tower (checkpoint_keys), so its
+    # ImageNet weights are not loaded first only to be overwritten.
+    model = XmrDualModel(XmrModelConfig.from_dict(meta["model"]), pretrained=pretrained_towers,
+                         pretrained_image=False)
+    image_file = Path(ckpt_dir) / IMAGE_FILE
+    _load_into(model, [image_file, Path(ckpt_dir) / TEXT_FILE])
+    missing = sorted(set(_image_keys(model)) - _stored_keys(image_file))
+    if missing:
+        raise CheckpointError(f"{image_file}: the image tower is incomplete (no {missing[:3]}); "
+                              "retrain or copy the checkpoint again")
     return model.eval()
+
+
+def _image_keys(model) -> list[str]:
+    return [k for k in model.checkpoint_keys() if not k.startswith("text_tower.")]
+
+
+def _stored_keys(path: Path) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return set(f.keys())
 
 
 def load_reranker(ckpt_dir: str | os.PathLike):

@@ -61,8 +61,8 @@ def load_pixels(paths, size: int, threads: int = 8, progress=None) -> np.ndarray
 
 
 def tokenize(tokenizer, texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
-    return enc["input_ids"], enc["attention_mask"]
+    """Token ids and mask, every row padded to ``max_len`` (a ``MiniLMTokenizer``)."""
+    return tokenizer(texts, max_len, pad_to_max=True)
 
 
 def build_split(

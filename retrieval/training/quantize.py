@@ -151,7 +151,9 @@ def _stamp(path: Path, metadata: dict[str, str]) -> None:
     import onnx
 
     graph = onnx.load(str(path))
-    for key, value in metadata.items():
+    kept = [(e.key, e.value) for e in graph.metadata_props if e.key not in metadata]
+    del graph.metadata_props[:]
+    for key, value in kept + list(metadata.items()):
         entry = graph.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.save(graph, str(path))

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from ..datasets import load_dataset, split_records
-from ..encoders.xmr_model import IMAGE_TOWERS, XmrDualModel, XmrModelConfig, minilm_path
+from ..encoders.minilm import MiniLMTokenizer
+from ..encoders.xmr_model import IMAGE_TOWERS, XmrDualModel, XmrModelConfig
 from ..metrics import retrieval_report
 from . import checkpoint
 from .data import build_split
@@ -81,8 +82,6 @@ def run_training(job: TrainJob, progress_factory=None) -> dict:
     unknown = [a for a in job.ablations if a not in ABLATIONS]
     if unknown:
         raise ValueError(f"unknown ablation(s) {unknown}; choose from {', '.join(ABLATIONS)}")
-    from transformers import AutoTokenizer
-
     _seed(job.dual.seed)
     device = _device(job.device)
     out = Path(job.out_dir)
@@ -96,7 +95,7 @@ def run_training(job: TrainJob, progress_factory=None) -> dict:
         model = XmrDualModel(XmrModelConfig(job.image_tower, size, job.embed_dim,
                                             text_trainable_layers=job.text_trainable_layers))
     cfg = model.config
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    tokenizer = MiniLMTokenizer()
 
     records = load_dataset(job.dataset, job.images)
     splits = {}

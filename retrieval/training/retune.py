@@ -1,0 +1,262 @@
+"""Retune a checkpoint's reranker on the features the engine itself uses.
+
+The reranker of `xmr train` learns on features and negatives of the training
+run: one view per image, negatives mined by the raw dual-encoder similarity.
+The engine recalls with other scores (several views, query-bank corrected),
+so the pairs the reranker sees at query time differ from the ones it learned
+on. Retuning continues its training on exactly what the engine produces:
+image embeddings from the model's views, region tokens as stored in an index,
+and negatives drawn from the top ``pool`` candidates of the engine's corrected
+recall scores (a wide pool: the very top of the train split is mostly
+near-duplicates of the positive, session 3 measured it).
+
+The region projection stays fixed, so the tokens already stored in indexes
+built with the checkpoint stay valid. The epoch with the best dev rsum (at the
+fusion weight chosen for it) is kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from reranker.losses import matching_loss, mine_hard_negatives, ranking_loss, sample_negatives
+
+from .rerank import choose_fusion_weight
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RetuneOptions:
+    epochs: int = 1
+    lr: float = 1e-4
+    batch_size: int = 128
+    n_negatives: int = 3
+    pool: int = 256
+    weight_decay: float = 0.05
+    select_k: int = 20
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class EngineFeatures:
+    """One split as the engine sees it (CPU tensors)."""
+
+    img: torch.Tensor  # [N, D] normalised, the model's views
+    tokens: torch.Tensor  # [N, R, W] fp16 region tokens (first view), as stored in an index
+    txt: torch.Tensor  # [T, D]
+    words: torch.Tensor  # [T, L, H] fp16
+    mask: torch.Tensor  # [T, L]
+    text_image: torch.Tensor  # [T] image of each caption
+    image_bias: torch.Tensor  # [N] query-bank biases (zeros without a bank)
+    text_bias: torch.Tensor  # [T]
+
+    def recall_scores(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image->text, text->image) scores ``[N, T]`` as the engine ranks them."""
+        sim = self.img @ self.txt.T
+        return sim - self.text_bias[None, :], sim - self.image_bias[:, None]
+
+
+def engine_features(enc, images: list, captions: list[list[str]], batch: int = 64, progress=None) -> EngineFeatures:
+    """Features of prepared images (``enc.prepare`` output) and their captions."""
+    embs, toks = [], []
+    for s in range(0, len(images), batch):
+        e, t = enc.encode_images_with_tokens(images[s : s + batch])
+        embs.append(e)
+        toks.append(t)
+        if progress:
+            progress(len(images[s : s + batch]))
+    flat = [c for caps in captions for c in caps]
+    owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps], dtype=torch.long)
+    max_len = enc.model.config.text_max_len
+    txt, words, masks = [], [], []
+    for s in range(0, len(flat), 256):
+        e, w, m = enc.text_states(flat[s : s + 256])
+        pad = max_len - w.shape[1]
+        txt.append(e.cpu())
+        words.append(F.pad(w.cpu(), (0, 0, 0, pad)).half())
+        masks.append(F.pad(m.cpu(), (0, pad)))
+    img = torch.from_numpy(np.concatenate(embs)).float()
+    txt = torch.cat(txt).float()
+    bank = enc.querybank
+    ib = torch.from_numpy(bank.image_bias(img.numpy())).float() if bank else torch.zeros(len(img))
+    tb = torch.from_numpy(bank.text_bias(txt.numpy())).float() if bank else torch.zeros(len(txt))
+    return EngineFeatures(img, torch.from_numpy(np.concatenate(toks)), txt, torch.cat(words), torch.cat(masks),
+                          owner, ib, tb)
+
+
+def _score(reranker, f: EngineFeatures, img_idx: torch.Tensor, txt_idx: torch.Tensor, chunk: int = 2048):
+    out = []
+    for s in range(0, len(img_idx), chunk):
+        i, t = img_idx[s : s + chunk], txt_idx[s : s + chunk]
+        out.append(reranker(f.tokens[i].float(), f.words[t].float(), f.mask[t], f.img[i], f.txt[t]))
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+@torch.no_grad()
+def engine_candidates(reranker, f: EngineFeatures, k: int) -> dict:
+    """Rerank logits of each image's top-k captions and each caption's top-k
+    images by the engine's recall scores, in the form ``fused_report`` takes."""
+    reranker.eval()
+    s_i2t, s_t2i = f.recall_scores()
+    k_t, k_i = min(k, s_i2t.shape[1]), min(k, s_i2t.shape[0])
+    i2t = s_i2t.topk(k_t, dim=1).indices.reshape(-1)
+    t2i = s_t2i.T.topk(k_i, dim=1).indices.reshape(-1)
+    rows_i = torch.arange(s_i2t.shape[0]).repeat_interleave(k_t)
+    rows_t = torch.arange(s_i2t.shape[1]).repeat_interleave(k_i)
+    return {
+        "sim": (f.img @ f.txt.T).numpy(),
+        "recall": {"i2t": s_i2t.numpy(), "t2i": s_t2i.numpy()},
+        "i2t": (rows_i.numpy(), i2t.numpy(), _score(reranker, f, rows_i, i2t).float().numpy()),
+        "t2i": (t2i.numpy(), rows_t.numpy(), _score(reranker, f, t2i, rows_t).float().numpy()),
+    }
+
+
+def evaluate(reranker, f: EngineFeatures, k: int) -> tuple[float, dict]:
+    """(fusion weight, report) of the best fusion weight on ``f``."""
+    return choose_fusion_weight(engine_candidates(reranker, f, k), f.text_image.numpy())
+
+
+def retune(reranker, train: EngineFeatures, dev: EngineFeatures, opts: RetuneOptions, progress=None) -> dict:
+    """Train in place (region projection frozen); keep the best dev epoch, or
+    the starting weights when no epoch beats them."""
+    gen = torch.Generator().manual_seed(opts.seed)
+    torch.manual_seed(opts.seed)
+    s_i2t, s_t2i = train.recall_scores()
+    positives = train.text_image[None, :] == torch.arange(s_i2t.shape[0])[:, None]
+    pool_t = min(opts.pool, s_i2t.shape[1] - int(positives.sum(1).max()))
+    pool_i = min(opts.pool, s_i2t.shape[0] - 1)
+    pool_i2t = mine_hard_negatives(s_i2t, positives, pool_t)  # captions for each image
+    pool_t2i = mine_hard_negatives(s_t2i.T, positives.T, pool_i)  # images for each caption
+    del s_i2t, s_t2i, positives
+    params = [p for n, p in reranker.named_parameters() if not n.startswith("level_proj.")]
+    for p in reranker.level_proj.parameters():
+        p.requires_grad_(False)
+    optim = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    n_texts = len(train.txt)
+    steps = max(1, n_texts // opts.batch_size)
+    total, n = steps * opts.epochs, opts.n_negatives
+    weight, report = evaluate(reranker, dev, opts.select_k)
+    start = {"epoch": 0, "dev": report, "fusion_weight": weight}
+    log.info("retune: dev rsum@%d before %.1f (w=%s)", opts.select_k, report["rsum"], weight)
+    best, best_state, history = start, copy.deepcopy(reranker.state_dict()), [start]
+    step = 0
+    for epoch in range(opts.epochs):
+        reranker.train()
+        perm = torch.randperm(n_texts, generator=gen)
+        t0, losses = time.time(), []
+        for b in range(steps):
+            t = perm[b * opts.batch_size : (b + 1) * opts.batch_size]
+            i = train.text_image[t]
+            neg_i = sample_negatives(pool_t2i[t], n, gen)
+            neg_t = sample_negatives(pool_i2t[i], n, gen)
+            img_idx = torch.cat([i, neg_i.reshape(-1), i.repeat_interleave(n)])
+            txt_idx = torch.cat([t, t.repeat_interleave(n), neg_t.reshape(-1)])
+            for g in optim.param_groups:
+                g["lr"] = opts.lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            logits = _score(reranker, train, img_idx, txt_idx)
+            bsz = len(t)
+            pos = logits[:bsz]
+            neg_img = logits[bsz : bsz + bsz * n].view(bsz, n)
+            neg_txt = logits[bsz + bsz * n :].view(bsz, n)
+            loss = matching_loss(pos, torch.cat([neg_img, neg_txt], 1).reshape(-1))
+            loss = loss + 0.5 * (ranking_loss(pos, neg_img) + ranking_loss(pos, neg_txt))
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 2.0)
+            optim.step()
+            losses.append(loss.item())
+            step += 1
+            if progress:
+                progress(epoch, b, steps, losses[-1])
+        weight, report = evaluate(reranker, dev, opts.select_k)
+        entry = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "dev": report, "fusion_weight": weight,
+                 "seconds": round(time.time() - t0, 1)}
+        history.append(entry)
+        log.info("retune epoch %d loss %.4f dev rsum@%d %.1f (w=%s)", epoch + 1, entry["loss"], opts.select_k,
+                 report["rsum"], weight)
+        if report["rsum"] > best["dev"]["rsum"]:
+            best, best_state = entry, copy.deepcopy(reranker.state_dict())
+    reranker.load_state_dict(best_state)
+    reranker.eval()
+    return {"history": history, "best": best}
+
+
+def retune_checkpoint(src, out, dataset: str, images: str | None = None, opts: RetuneOptions | None = None,
+                      limit: int | None = None, progress_factory=None) -> dict:
+    """Copy checkpoint ``src`` to ``out``, retune its reranker on the dataset's
+    train split (dev selects) and save it there with the chosen fusion weight."""
+    import shutil
+    from pathlib import Path
+
+    from ..datasets import load_dataset, split_records
+    from ..encoders.xmr import XmrEncoder
+    from ..errors import CheckpointError
+    from . import checkpoint
+
+    opts = opts or RetuneOptions()
+    src, out = Path(src), Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} exists and is not empty; give a new folder")
+    meta = checkpoint.read_config(src)
+    if "reranker" not in meta:
+        raise CheckpointError(f"{src}: holds no reranker to retune")
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file():
+            shutil.copy2(f, out / f.name)
+    enc = XmrEncoder.from_checkpoint(str(out))
+    records = load_dataset(dataset, images)
+    feats = {}
+    for split in ("train", "dev"):
+        recs = split_records(records, split)[:limit] if limit else split_records(records, split)
+        if len(recs) < 2:
+            raise ValueError(f"the {split} split of {dataset} has {len(recs)} images; retuning needs more")
+        bar = progress_factory(f"features {split}", len(recs)) if progress_factory else None
+        pixels = [_prepared(enc, r.path) for r in recs]
+        feats[split] = engine_features(enc, pixels, [r.captions for r in recs],
+                                       progress=bar.update if bar else None)
+        if bar:
+            bar.close()
+    bars = []  # opened at the first step, after the dev evaluation of the starting weights
+
+    def progress(epoch, b, steps, loss):
+        if progress_factory is None:
+            return
+        if not bars:
+            bars.append(progress_factory("retune", steps * opts.epochs))
+        bars[0].update(1)
+        bars[0].set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}")
+
+    t0 = time.time()
+    result = retune(enc.reranker_model, feats["train"], feats["dev"], opts, progress)
+    for bar in bars:
+        bar.close()
+    best = result["best"]
+    summary = {"source": str(src), "dataset": str(dataset), "options": opts.to_dict(), "limit": limit,
+               "views": list(enc.views), "image_backend": enc.image_backend,
+               "best_epoch": best["epoch"], "fusion_weight": best["fusion_weight"],
+               "dev_before": result["history"][0]["dev"], "dev_after": best["dev"],
+               "history": [{k: v for k, v in h.items() if k != "dev"} | {"dev_rsum": h["dev"]["rsum"]}
+                           for h in result["history"]],
+               "seconds": round(time.time() - t0, 1)}
+    checkpoint.save_checkpoint(out, {"fusion_weight": best["fusion_weight"], "reranker_retune": summary},
+                               reranker=enc.reranker_model)
+    return summary
+
+
+def _prepared(enc, path):
+    from indexer.decode import decode_image
+
+    return enc.prepare(decode_image(path, enc.input_size).image)
