@@ -55,6 +55,7 @@ def main(dataset, split, k, model, view_names, write_bank, top, as_json):
     from retrieval.encoders.querybank import QueryBank, bank_from_split
     from retrieval.metrics import bootstrap_rsum_delta, i2t_ranks, retrieval_report, t2i_ranks
     from retrieval.training.calibrate import ALPHAS, BETAS, corrected_scores
+    from retrieval.training.retune import caption_states
     from retrieval.training.rerank import choose_fusion_weight
 
     if split in ("test", "train"):
@@ -86,14 +87,7 @@ def main(dataset, split, k, model, view_names, write_bank, top, as_json):
     pixels = _pixels(enc, recs)
     captions = [c for r in recs for c in r.captions]
     text_image = np.array([i for i, r in enumerate(recs) for _ in r.captions])
-    txt, words, masks = [], [], []
-    for s in range(0, len(captions), 256):
-        e, w, m = enc.text_states(captions[s : s + 256])
-        pad = enc.model.config.text_max_len - w.shape[1]
-        txt.append(e)
-        words.append(torch.nn.functional.pad(w, (0, 0, 0, pad)))
-        masks.append(torch.nn.functional.pad(m, (0, pad)))
-    txt, words, masks = torch.cat(txt), torch.cat(words), torch.cat(masks)
+    txt, words, masks = caption_states(enc, captions)
     txt_np = txt.numpy()
     rr = enc.reranker_model
 
@@ -127,7 +121,6 @@ def main(dataset, split, k, model, view_names, write_bank, top, as_json):
                    "dual_rsum": round(dual, 1)}
             if st is not None:
                 ranks[(VIEW_CANDIDATES[vname], st)] = (i2t_ranks(s_i2t, text_image), t2i_ranks(s_t2i, text_image))
-                row["_key"] = (VIEW_CANDIDATES[vname], st)
             if st is None or any(st == b[0] for b in best):
                 t0 = time.time()
                 i2t = np.argsort(-s_i2t, axis=1)[:, :k]
@@ -143,11 +136,12 @@ def main(dataset, split, k, model, view_names, write_bank, top, as_json):
                 row.update({"fusion_weight": weight, f"rerank_rsum_k{k}": round(rep["rsum"], 1),
                             "seconds": round(time.time() - t0, 1)})
             rows.append(row)
-            log(json.dumps({k: v for k, v in row.items() if k != "_key"}))
+            log(json.dumps(row))
     ref = ranks.get(current)
     for row in rows:
-        key = row.pop("_key", None)
-        if ref is not None and key is not None:
+        bank_setting = row["querybank"]
+        if ref is not None and bank_setting is not None:
+            key = (VIEW_CANDIDATES[row["views"]], (bank_setting["beta"], bank_setting["alpha"]))
             boot = bootstrap_rsum_delta(ref, ranks[key], text_image)
             row["dual_vs_current"] = {k: round(v, 2) for k, v in boot.items()}
     if ref is not None:

@@ -50,3 +50,27 @@ def ranking_loss(pos_logits: torch.Tensor, neg_logits: torch.Tensor) -> torch.Te
     logits = torch.cat([pos_logits[:, None], neg_logits], dim=1)
     target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     return F.cross_entropy(logits, target)
+
+
+def pair_batch(texts: torch.Tensor, text_image: torch.Tensor, pool_t2i: torch.Tensor, pool_i2t: torch.Tensor,
+               n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image ids, caption ids) of the pairs one training step scores, in the
+    layout :func:`pair_batch_loss` reads: the ``B`` matching pairs, then each
+    caption with ``n`` images from its pool (``pool_t2i``), then each
+    caption's image with ``n`` captions from the image's pool (``pool_i2t``)."""
+    images = text_image[texts]
+    neg_images = sample_negatives(pool_t2i[texts], n, generator)
+    neg_texts = sample_negatives(pool_i2t[images], n, generator)
+    return (torch.cat([images, neg_images.reshape(-1), images.repeat_interleave(n)]),
+            torch.cat([texts, texts.repeat_interleave(n), neg_texts.reshape(-1)]))
+
+
+def pair_batch_loss(logits: torch.Tensor, n: int) -> torch.Tensor:
+    """Matching loss over all pairs of a :func:`pair_batch` plus half the
+    ranking loss of each caption against its wrong images and wrong captions."""
+    bsz = len(logits) // (1 + 2 * n)
+    pos = logits[:bsz]
+    neg_img = logits[bsz : bsz + bsz * n].view(bsz, n)
+    neg_txt = logits[bsz + bsz * n :].view(bsz, n)
+    loss = matching_loss(pos, torch.cat([neg_img, neg_txt], 1).reshape(-1))
+    return loss + 0.5 * (ranking_loss(pos, neg_img) + ranking_loss(pos, neg_txt))

@@ -115,7 +115,8 @@ def read_config(ckpt_dir: str | os.PathLike) -> dict:
     return meta
 
 
-def _load_into(module: torch.nn.Module, files: list[Path]) -> None:
+def _load_into(module: torch.nn.Module, files: list[Path]) -> set[str]:
+    """Load the files' tensors into ``module``; returns the keys loaded."""
     from safetensors.torch import load_file
 
     state = {}
@@ -132,6 +133,7 @@ def _load_into(module: torch.nn.Module, files: list[Path]) -> None:
             raise CheckpointError(f"checkpoint tensor {k} has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}")
     # assign: the converted tensors become the parameters (no second copy)
     module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False, assign=True)
+    return set(state)
 
 
 def load_dual(ckpt_dir: str | os.PathLike, pretrained_towers: bool = True):
@@ -145,23 +147,12 @@ def load_dual(ckpt_dir: str | os.PathLike, pretrained_towers: bool = True):
     model = XmrDualModel(XmrModelConfig.from_dict(meta["model"]), pretrained=pretrained_towers,
                          pretrained_image=False)
     image_file = Path(ckpt_dir) / IMAGE_FILE
-    _load_into(model, [image_file, Path(ckpt_dir) / TEXT_FILE])
-    missing = sorted(set(_image_keys(model)) - _stored_keys(image_file))
+    loaded = _load_into(model, [image_file, Path(ckpt_dir) / TEXT_FILE])
+    missing = sorted(k for k in model.checkpoint_keys() if not k.startswith("text_tower.") and k not in loaded)
     if missing:
         raise CheckpointError(f"{image_file}: the image tower is incomplete (no {missing[:3]}); "
                               "retrain or copy the checkpoint again")
     return model.eval()
-
-
-def _image_keys(model) -> list[str]:
-    return [k for k in model.checkpoint_keys() if not k.startswith("text_tower.")]
-
-
-def _stored_keys(path: Path) -> set[str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        return set(f.keys())
 
 
 def load_reranker(ckpt_dir: str | os.PathLike):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from reranker.losses import matching_loss, mine_hard_negatives, ranking_loss, sample_negatives
+from reranker.losses import mine_hard_negatives, pair_batch, pair_batch_loss
 
 from ..metrics import apply_rerank, retrieval_report
 from .data import SplitData
@@ -80,20 +80,25 @@ def rerank_candidates(reranker, f: Features, k: int, bank=None) -> dict:
         tb = torch.from_numpy(bank.text_bias(f.txt_emb.float().cpu().numpy())).to(sim.device)
         ib = torch.from_numpy(bank.image_bias(f.img_emb.float().cpu().numpy())).to(sim.device)
         s_i2t, s_t2i = sim - tb[None, :], sim - ib[:, None]
+    return candidate_logits(sim, s_i2t, s_t2i, k, lambda i, t: score_pairs(reranker, f, i, t))
+
+
+def candidate_logits(sim: torch.Tensor, s_i2t: torch.Tensor, s_t2i: torch.Tensor, k: int, score) -> dict:
+    """Rerank logits of each image's top-k captions by ``s_i2t`` and each
+    caption's top-k images by ``s_t2i`` (all ``[N, T]``), scored by
+    ``score(image ids, caption ids)``, in the form :func:`fused_report` takes."""
     k_t = min(k, sim.shape[1])
     k_i = min(k, sim.shape[0])
-    i2t = s_i2t.topk(k_t, dim=1).indices  # [N, k]
-    t2i = s_t2i.t().topk(k_i, dim=1).indices  # [T, k]
+    i2t = s_i2t.topk(k_t, dim=1).indices.reshape(-1)  # captions, k per image
+    t2i = s_t2i.t().topk(k_i, dim=1).indices.reshape(-1)  # images, k per caption
     n, t = sim.shape
     rows_i = torch.arange(n, device=sim.device).repeat_interleave(k_t)
-    i2t_logits = score_pairs(reranker, f, rows_i, i2t.reshape(-1))
     rows_t = torch.arange(t, device=sim.device).repeat_interleave(k_i)
-    t2i_logits = score_pairs(reranker, f, t2i.reshape(-1), rows_t)
     return {
         "sim": sim.cpu().numpy(),
         "recall": {"i2t": s_i2t.cpu().numpy(), "t2i": s_t2i.cpu().numpy()},
-        "i2t": (rows_i.cpu().numpy(), i2t.reshape(-1).cpu().numpy(), i2t_logits.cpu().numpy()),
-        "t2i": (t2i.reshape(-1).cpu().numpy(), rows_t.cpu().numpy(), t2i_logits.cpu().numpy()),
+        "i2t": (rows_i.cpu().numpy(), i2t.cpu().numpy(), score(rows_i, i2t).float().cpu().numpy()),
+        "t2i": (t2i.cpu().numpy(), rows_t.cpu().numpy(), score(t2i, rows_t).float().cpu().numpy()),
     }
 
 
@@ -137,6 +142,7 @@ def train_reranker(reranker, train: Features, dev: Features, opts: RerankTrainOp
     del sim, positives
     optim = torch.optim.AdamW(reranker.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     n_texts = train.txt_emb.shape[0]
+    text_image = train.text_image.cpu()
     steps_per_epoch = max(1, n_texts // opts.batch_size)
     total = steps_per_epoch * opts.epochs
     warmup = min(200, total // 10 + 1)
@@ -148,23 +154,13 @@ def train_reranker(reranker, train: Features, dev: Features, opts: RerankTrainOp
         t0, losses = time.time(), []
         for b in range(steps_per_epoch):
             t = perm[b * opts.batch_size : (b + 1) * opts.batch_size]
-            i = train.text_image.cpu()[t]
-            neg_i = sample_negatives(pool_t2i[t], opts.n_negatives, gen)  # [B, n] images for each caption
-            neg_t = sample_negatives(pool_i2t[i], opts.n_negatives, gen)  # [B, n] captions for each image
-            n = opts.n_negatives
-            img_idx = torch.cat([i, neg_i.reshape(-1), i.repeat_interleave(n)]).to(device)
-            txt_idx = torch.cat([t, t.repeat_interleave(n), neg_t.reshape(-1)]).to(device)
+            img_idx, txt_idx = pair_batch(t, text_image, pool_t2i, pool_i2t, opts.n_negatives, gen)
+            img_idx, txt_idx = img_idx.to(device), txt_idx.to(device)
             f = 1.0 if step >= warmup else (step + 1) / warmup
             f *= 0.5 * (1 + math.cos(math.pi * step / total))
             for g in optim.param_groups:
                 g["lr"] = opts.lr * f
-            logits = score_pairs(reranker, train, img_idx, txt_idx)
-            bsz = len(t)
-            pos = logits[:bsz]
-            neg_img = logits[bsz : bsz + bsz * n].view(bsz, n)
-            neg_txt = logits[bsz + bsz * n :].view(bsz, n)
-            loss = matching_loss(pos, torch.cat([neg_img, neg_txt], 1).reshape(-1))
-            loss = loss + 0.5 * (ranking_loss(pos, neg_img) + ranking_loss(pos, neg_txt))
+            loss = pair_batch_loss(score_pairs(reranker, train, img_idx, txt_idx), opts.n_negatives)
             optim.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(reranker.parameters(), 2.0)

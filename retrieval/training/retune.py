@@ -27,9 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from reranker.losses import matching_loss, mine_hard_negatives, ranking_loss, sample_negatives
+from reranker.losses import mine_hard_negatives, pair_batch, pair_batch_loss
 
-from .rerank import choose_fusion_weight
+from .rerank import candidate_logits, choose_fusion_weight
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +62,10 @@ class EngineFeatures:
     image_bias: torch.Tensor  # [N] query-bank biases (zeros without a bank)
     text_bias: torch.Tensor  # [T]
 
-    def recall_scores(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(image->text, text->image) scores ``[N, T]`` as the engine ranks them."""
+    def scores(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(cosine, image->text, text->image) scores ``[N, T]``; the last two as the engine ranks."""
         sim = self.img @ self.txt.T
-        return sim - self.text_bias[None, :], sim - self.image_bias[:, None]
+        return sim, sim - self.text_bias[None, :], sim - self.image_bias[:, None]
 
 
 def engine_features(enc, images: list, captions: list[list[str]], batch: int = 64, progress=None) -> EngineFeatures:
@@ -77,23 +77,27 @@ def engine_features(enc, images: list, captions: list[list[str]], batch: int = 6
         toks.append(t)
         if progress:
             progress(len(images[s : s + batch]))
-    flat = [c for caps in captions for c in caps]
     owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps], dtype=torch.long)
-    max_len = enc.model.config.text_max_len
-    txt, words, masks = [], [], []
-    for s in range(0, len(flat), 256):
-        e, w, m = enc.text_states(flat[s : s + 256])
-        pad = max_len - w.shape[1]
-        txt.append(e.cpu())
-        words.append(F.pad(w.cpu(), (0, 0, 0, pad)).half())
-        masks.append(F.pad(m.cpu(), (0, pad)))
+    txt, words, masks = caption_states(enc, [c for caps in captions for c in caps])
     img = torch.from_numpy(np.concatenate(embs)).float()
-    txt = torch.cat(txt).float()
     bank = enc.querybank
     ib = torch.from_numpy(bank.image_bias(img.numpy())).float() if bank else torch.zeros(len(img))
     tb = torch.from_numpy(bank.text_bias(txt.numpy())).float() if bank else torch.zeros(len(txt))
-    return EngineFeatures(img, torch.from_numpy(np.concatenate(toks)), txt, torch.cat(words), torch.cat(masks),
-                          owner, ib, tb)
+    return EngineFeatures(img, torch.from_numpy(np.concatenate(toks)), txt, words.half(), masks, owner, ib, tb)
+
+
+def caption_states(enc, texts: list[str], batch: int = 256):
+    """(embeddings ``[T, D]``, word states ``[T, L, H]``, mask ``[T, L]``) as
+    float CPU tensors, every row padded to the model's ``text_max_len``."""
+    max_len = enc.model.config.text_max_len
+    txt, words, masks = [], [], []
+    for s in range(0, len(texts), batch):
+        e, w, m = enc.text_states(texts[s : s + batch])
+        pad = max_len - w.shape[1]
+        txt.append(e.cpu().float())
+        words.append(F.pad(w.cpu().float(), (0, 0, 0, pad)))
+        masks.append(F.pad(m.cpu(), (0, pad)))
+    return torch.cat(txt), torch.cat(words), torch.cat(masks)
 
 
 def _score(reranker, f: EngineFeatures, img_idx: torch.Tensor, txt_idx: torch.Tensor, chunk: int = 2048):
@@ -109,18 +113,7 @@ def engine_candidates(reranker, f: EngineFeatures, k: int) -> dict:
     """Rerank logits of each image's top-k captions and each caption's top-k
     images by the engine's recall scores, in the form ``fused_report`` takes."""
     reranker.eval()
-    s_i2t, s_t2i = f.recall_scores()
-    k_t, k_i = min(k, s_i2t.shape[1]), min(k, s_i2t.shape[0])
-    i2t = s_i2t.topk(k_t, dim=1).indices.reshape(-1)
-    t2i = s_t2i.T.topk(k_i, dim=1).indices.reshape(-1)
-    rows_i = torch.arange(s_i2t.shape[0]).repeat_interleave(k_t)
-    rows_t = torch.arange(s_i2t.shape[1]).repeat_interleave(k_i)
-    return {
-        "sim": (f.img @ f.txt.T).numpy(),
-        "recall": {"i2t": s_i2t.numpy(), "t2i": s_t2i.numpy()},
-        "i2t": (rows_i.numpy(), i2t.numpy(), _score(reranker, f, rows_i, i2t).float().numpy()),
-        "t2i": (t2i.numpy(), rows_t.numpy(), _score(reranker, f, t2i, rows_t).float().numpy()),
-    }
+    return candidate_logits(*f.scores(), k, lambda i, t: _score(reranker, f, i, t))
 
 
 def evaluate(reranker, f: EngineFeatures, k: int) -> tuple[float, dict]:
@@ -133,7 +126,7 @@ def retune(reranker, train: EngineFeatures, dev: EngineFeatures, opts: RetuneOpt
     the starting weights when no epoch beats them."""
     gen = torch.Generator().manual_seed(opts.seed)
     torch.manual_seed(opts.seed)
-    s_i2t, s_t2i = train.recall_scores()
+    _, s_i2t, s_t2i = train.scores()
     positives = train.text_image[None, :] == torch.arange(s_i2t.shape[0])[:, None]
     pool_t = min(opts.pool, s_i2t.shape[1] - int(positives.sum(1).max()))
     pool_i = min(opts.pool, s_i2t.shape[0] - 1)
@@ -146,7 +139,7 @@ def retune(reranker, train: EngineFeatures, dev: EngineFeatures, opts: RetuneOpt
     optim = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
     n_texts = len(train.txt)
     steps = max(1, n_texts // opts.batch_size)
-    total, n = steps * opts.epochs, opts.n_negatives
+    total = steps * opts.epochs
     weight, report = evaluate(reranker, dev, opts.select_k)
     start = {"epoch": 0, "dev": report, "fusion_weight": weight}
     log.info("retune: dev rsum@%d before %.1f (w=%s)", opts.select_k, report["rsum"], weight)
@@ -158,20 +151,10 @@ def retune(reranker, train: EngineFeatures, dev: EngineFeatures, opts: RetuneOpt
         t0, losses = time.time(), []
         for b in range(steps):
             t = perm[b * opts.batch_size : (b + 1) * opts.batch_size]
-            i = train.text_image[t]
-            neg_i = sample_negatives(pool_t2i[t], n, gen)
-            neg_t = sample_negatives(pool_i2t[i], n, gen)
-            img_idx = torch.cat([i, neg_i.reshape(-1), i.repeat_interleave(n)])
-            txt_idx = torch.cat([t, t.repeat_interleave(n), neg_t.reshape(-1)])
+            img_idx, txt_idx = pair_batch(t, train.text_image, pool_t2i, pool_i2t, opts.n_negatives, gen)
             for g in optim.param_groups:
                 g["lr"] = opts.lr * 0.5 * (1 + math.cos(math.pi * step / total))
-            logits = _score(reranker, train, img_idx, txt_idx)
-            bsz = len(t)
-            pos = logits[:bsz]
-            neg_img = logits[bsz : bsz + bsz * n].view(bsz, n)
-            neg_txt = logits[bsz + bsz * n :].view(bsz, n)
-            loss = matching_loss(pos, torch.cat([neg_img, neg_txt], 1).reshape(-1))
-            loss = loss + 0.5 * (ranking_loss(pos, neg_img) + ranking_loss(pos, neg_txt))
+            loss = pair_batch_loss(_score(reranker, train, img_idx, txt_idx), opts.n_negatives)
             optim.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 2.0)
@@ -204,6 +187,7 @@ def retune_checkpoint(src, out, dataset: str, images: str | None = None, opts: R
     from ..encoders.xmr import XmrEncoder
     from ..errors import CheckpointError
     from . import checkpoint
+    from .data import load_pixels
 
     opts = opts or RetuneOptions()
     src, out = Path(src), Path(out)
@@ -224,7 +208,7 @@ def retune_checkpoint(src, out, dataset: str, images: str | None = None, opts: R
         if len(recs) < 2:
             raise ValueError(f"the {split} split of {dataset} has {len(recs)} images; retuning needs more")
         bar = progress_factory(f"features {split}", len(recs)) if progress_factory else None
-        pixels = [_prepared(enc, r.path) for r in recs]
+        pixels = load_pixels([r.path for r in recs], enc.input_size)  # what enc.prepare makes of each
         feats[split] = engine_features(enc, pixels, [r.captions for r in recs],
                                        progress=bar.update if bar else None)
         if bar:
@@ -254,9 +238,3 @@ def retune_checkpoint(src, out, dataset: str, images: str | None = None, opts: R
     checkpoint.save_checkpoint(out, {"fusion_weight": best["fusion_weight"], "reranker_retune": summary},
                                reranker=enc.reranker_model)
     return summary
-
-
-def _prepared(enc, path):
-    from indexer.decode import decode_image
-
-    return enc.prepare(decode_image(path, enc.input_size).image)
