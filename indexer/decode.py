@@ -10,8 +10,12 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-# Refuse decompression bombs: larger than this many pixels is skipped.
+# Refuse decompression bombs. A file whose decoded image would hold more than
+# MAX_PIXELS is skipped. JPEGs decoded in draft mode count at their reduced size
+# (up to 1/8 per side), so a 200-megapixel phone photo still indexes; nothing
+# whose header claims more than MAX_HEADER_PIXELS is opened at all.
 MAX_PIXELS = 89_478_485  # Pillow's own default warning threshold (~ 9459 x 9459)
+MAX_HEADER_PIXELS = 64 * MAX_PIXELS  # what an 8x draft reduction brings under MAX_PIXELS
 MAX_FILE_BYTES = 256 * 1024 * 1024
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
@@ -56,17 +60,21 @@ def decode_image(path: str | os.PathLike, draft_size: int | None = None, data: b
     if size > MAX_FILE_BYTES:
         raise BadImage("too large", f"{size} bytes (limit {MAX_FILE_BYTES})")
     ImageFile.LOAD_TRUNCATED_IMAGES = False
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_HEADER_PIXELS:
+        Image.MAX_IMAGE_PIXELS = MAX_HEADER_PIXELS
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path if data is None else io.BytesIO(data)) as im:
                 width, height = im.size
-                if width * height > MAX_PIXELS:
-                    raise BadImage("decompression bomb", f"{width}x{height} pixels (limit {MAX_PIXELS})")
+                if width * height > MAX_HEADER_PIXELS:
+                    raise BadImage("decompression bomb", f"{width}x{height} pixels (limit {MAX_HEADER_PIXELS})")
                 if getattr(im, "n_frames", 1) > 1:
                     im.seek(0)
                 if draft_size and im.format == "JPEG":
                     im.draft("RGB", (draft_size, draft_size))
+                if im.size[0] * im.size[1] > MAX_PIXELS:
+                    raise BadImage("decompression bomb", _too_many_pixels(im.format, (width, height), im.size))
                 im.load()
                 im = ImageOps.exif_transpose(im)
                 if im.mode != "RGB":
@@ -87,6 +95,16 @@ def decode_image(path: str | os.PathLike, draft_size: int | None = None, data: b
         raise BadImage("corrupt", str(exc) or type(exc).__name__) from None
     except MemoryError:
         raise BadImage("too large", "out of memory while decoding") from None
+
+
+def _too_many_pixels(fmt: str | None, header: tuple[int, int], decoded: tuple[int, int]) -> str:
+    msg = f"{header[0]}x{header[1]} pixels"
+    if decoded != header:
+        msg += f", {decoded[0]}x{decoded[1]} at reduced size"
+    msg += f", over the limit of {MAX_PIXELS:,} decoded pixels"
+    if fmt != "JPEG":
+        msg += "; only JPEGs decode at reduced size: save it as JPEG or scale it down"
+    return msg
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

@@ -159,12 +159,12 @@ class VectorIndex:
         faiss = _faiss()
         path = Path(path)
         if vectors:
-            tmp = path.with_name(path.name + ".tmp")
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
             faiss.write_index(self.index, str(tmp))
             os.replace(tmp, path)
         side = {"dim": self.dim, **self.spec.to_json(), "ntotal": self.ntotal, "generation": self.generation,
                 **facts}
-        stmp = path.with_name(path.name + ".json.tmp")
+        stmp = path.with_name(f"{path.name}.json.{os.getpid()}.tmp")
         stmp.write_text(json.dumps(side, indent=2))
         os.replace(stmp, path.with_name(path.name + ".json"))
 

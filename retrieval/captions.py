@@ -2,7 +2,7 @@
 (image,caption) and plain text (one caption a line).
 
 Each parser yields ``(image_name_or_None, caption)`` and reports malformed
-lines through ``on_bad(line_no, reason)`` instead of failing.
+lines through ``on_bad(where, reason)`` instead of failing.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from .errors import CaptionFileError
 
 MAX_CAPTION_CHARS = 1000
 
-BadLine = Callable[[int, str], None]
+BadLine = Callable[[str, str], None]  # (where: 'line 3' or 'images[2] (a.jpg)', reason)
 
 
-def _ignore(line_no: int, reason: str) -> None:
+def _ignore(where: str, reason: str) -> None:
     pass
 
 
@@ -32,6 +32,11 @@ def clean_caption(text: str) -> str | None:
     return text
 
 
+def caption_problem(text: str) -> str:
+    """Why :func:`clean_caption` refused ``text``."""
+    return "empty caption" if not text.strip() else f"caption longer than {MAX_CAPTION_CHARS} characters"
+
+
 def parse_flickr_token_lines(lines: Iterable[str], on_bad: BadLine = _ignore) -> Iterator[tuple[str, str]]:
     """``<image>#<n>\\t<caption>`` lines."""
     for no, line in enumerate(lines, 1):
@@ -40,11 +45,14 @@ def parse_flickr_token_lines(lines: Iterable[str], on_bad: BadLine = _ignore) ->
             continue
         key, sep, caption = line.partition("\t")
         name, hash_, _n = key.partition("#")
-        caption = clean_caption(caption) if sep else None
-        if not sep or not hash_ or not name.strip() or caption is None:
-            on_bad(no, "expected '<image>#<n><TAB><caption>'")
+        if not sep or not hash_ or not name.strip():
+            on_bad(f"line {no}", "expected '<image>#<n><TAB><caption>'")
             continue
-        yield name.strip(), caption
+        cleaned = clean_caption(caption)
+        if cleaned is None:
+            on_bad(f"line {no}", caption_problem(caption))
+            continue
+        yield name.strip(), cleaned
 
 
 def detect_format(path: Path, head: str) -> str:
@@ -76,7 +84,7 @@ def read_caption_file(
     if fmt == "flickr":
         return list(parse_flickr_token_lines(io.StringIO(text), on_bad))
     if fmt == "karpathy":
-        return _parse_karpathy(path, text)
+        return _parse_karpathy(path, text, on_bad)
     if fmt == "csv":
         return list(_parse_csv(text, on_bad))
     if fmt == "text":
@@ -86,22 +94,27 @@ def read_caption_file(
                 continue
             cap = clean_caption(line)
             if cap is None:
-                on_bad(no, f"caption longer than {MAX_CAPTION_CHARS} characters")
+                on_bad(f"line {no}", caption_problem(line))
                 continue
             out.append((None, cap))
         return out
     raise CaptionFileError(f"unknown caption format {fmt!r}; choose auto, flickr, karpathy, csv or text")
 
 
-def _parse_karpathy(path: Path, text: str) -> list[tuple[str | None, str]]:
+def _parse_karpathy(path: Path, text: str, on_bad: BadLine) -> list[tuple[str | None, str]]:
+    """Captions of a Karpathy-split JSON; a refused caption is reported by its
+    image's entry in ``images``."""
     try:
         images = json.loads(text)["images"]
         out = []
-        for item in images:
+        for no, item in enumerate(images):
             for s in item.get("sentences", []):
-                cap = clean_caption(str(s.get("raw", "")))
+                raw = str(s.get("raw", ""))
+                cap = clean_caption(raw)
                 if cap:
                     out.append((str(item["filename"]), cap))
+                else:
+                    on_bad(f"images[{no}] ({item['filename']})", caption_problem(raw))
         return out
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CaptionFileError(
@@ -117,10 +130,10 @@ def _parse_csv(text: str, on_bad: BadLine) -> Iterator[tuple[str | None, str]]:
         if no == 1 and [c.strip().lower() for c in row[:2]] == ["image", "caption"]:
             continue
         if len(row) < 2:
-            on_bad(no, "expected two columns: image,caption")
+            on_bad(f"line {no}", "expected two columns: image,caption")
             continue
         cap = clean_caption(row[1])
         if cap is None:
-            on_bad(no, "empty or over-long caption")
+            on_bad(f"line {no}", caption_problem(row[1]))
             continue
         yield (row[0].strip() or None), cap

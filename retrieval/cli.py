@@ -80,13 +80,22 @@ def _emit_json(obj) -> None:
     click.echo(json.dumps(obj, ensure_ascii=False, indent=None))
 
 
+def _shown(text: str) -> str:
+    """``text`` on one terminal line: control characters (a newline in a file
+    name, say) written as escapes, so each result stays one line. --json output
+    keeps the exact strings."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def _print_images(hits) -> None:
     if not hits:
         click.echo("no results")
         return
     for h in hits:
         mark = "*" if h.reranked else " "
-        click.echo(f"{h.rank:>4}  {h.score:>8.4f}{mark} {h.path}")
+        click.echo(f"{h.rank:>4}  {h.score:>8.4f}{mark} {_shown(h.path)}")
 
 
 @cli.command()
@@ -120,7 +129,7 @@ def index(ctx, paths, model, batch_size, threads, processes, quiet):
 
     def on_skip(path, reason):
         if not quiet:
-            msg = f"skipped {path}: {reason}"
+            msg = f"skipped {_shown(str(path))}: {reason}"
             (bar.write(msg, file=sys.stderr) if bar else click.echo(msg, err=True))
 
     summary = engine.index(paths, on_skip=on_skip, progress=progress, on_total=on_total,
@@ -180,14 +189,14 @@ def captions_import(ctx, file, fmt):
     engine = _open(ctx.parent, create=True, rerank=False)
     shown = [0]
 
-    def on_bad(line_no, reason):
+    def on_bad(where, reason):
         shown[0] += 1
         if shown[0] <= 20:
-            click.echo(f"skipped line {line_no}: {reason}", err=True)
+            click.echo(f"skipped {where}: {_shown(reason)}", err=True)
 
     result = engine.import_captions(file, fmt, on_bad)
     click.echo(f"imported {result['imported']} captions ({result['duplicates']} already there, "
-               f"{result['malformed']} malformed lines skipped); {result['total']} in the collection")
+               f"{result['malformed']} malformed entries skipped); {result['total']} in the collection")
 
 
 @cli.command()
@@ -205,7 +214,7 @@ def caption(ctx, image, k, no_rerank, rerank_k, as_json):
         _emit_json([h.to_dict() for h in hits])
         return
     for h in hits:
-        click.echo(f"{h.rank:>4}  {h.score:>8.4f}{'*' if h.reranked else ' '} {h.caption}")
+        click.echo(f"{h.rank:>4}  {h.score:>8.4f}{'*' if h.reranked else ' '} {_shown(h.caption)}")
 
 
 @cli.command()

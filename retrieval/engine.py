@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from indexer.decode import BadImage, decode_image
+from indexer.lock import IndexLock
 from indexer.pipeline import Indexer, IndexSummary
 from indexer.store import Store
 from indexer.tokens import TokenStore
@@ -87,6 +88,7 @@ class Engine:
         self.reranker = reranker
         self.exact_limit = exact_limit
         self._indexes: dict[str, VectorIndex] = {}
+        self._lock = IndexLock(self.index_dir)
         shape = getattr(encoder, "token_shape", None)
         self.tokens = TokenStore(self.index_dir, shape) if shape else None
 
@@ -180,6 +182,9 @@ class Engine:
         if side.get("model") != self.encoder.name or side.get("model_version") != self.encoder.version \
                 or index.dim != self._index_dim():
             return None
+        if side.get("ntotal", index.ntotal) != index.ntotal:  # caught between a file and its sidecar
+            log.info("rebuilding %s: its sidecar describes another write", path.name)
+            return None
         return index
 
     def _catch_up(self, index: VectorIndex, name: str, gen: int) -> int | None:
@@ -207,7 +212,6 @@ class Engine:
         if cached is not None and cached.generation == gen:
             return cached
         path = self.index_dir / f"{name}.faiss"
-        saved = _saved_generation(path)
         index, start, touched = None, None, None
         for candidate in (lambda: cached, lambda: self._load_file(path)):
             index = candidate()
@@ -221,6 +225,17 @@ class Engine:
             index = build_index(self._index_dim(), lambda: self._stream(name), self._count(name), self.exact_limit)
             index.generation = gen
             self.store.set_meta(**{f"{name}_factory": index.spec.factory, f"{name}_params": index.spec.params})
+        with self._lock.hold(wait=False) as writable:  # a writer elsewhere: its run writes the file
+            if writable:
+                self._write_back(index, name, path, start, touched)
+        self._indexes[name] = index
+        return index
+
+    def _write_back(self, index: VectorIndex, name: str, path: Path, start: int | None, touched: int | None) -> None:
+        gen = index.generation
+        saved = _saved_generation(path)
+        if saved is not None and saved > gen:  # another process already wrote a newer file
+            return
         facts = {"model": self.encoder.name, "model_version": self.encoder.version}
         if touched is None or saved is None:
             index.save(path, facts)
@@ -236,8 +251,6 @@ class Engine:
             # else the file stays at its generation and the journal since then
             # stays too: whoever loads the file replays it (cheaper than
             # rewriting a large index for a few changes)
-        self._indexes[name] = index
-        return index
 
     # -- indexing ---------------------------------------------------------------
     def index(self, paths, on_skip: Callable | None = None, progress: Callable | None = None,
@@ -257,28 +270,42 @@ class Engine:
                           draft_size=enc.input_size, tokens=self.tokens,
                           bias=self.querybank.image_bias if self.querybank is not None else None,
                           processes=processes)
-        summary = indexer.run(paths, on_skip=on_skip, progress=progress, on_total=on_total)
-        self._index("images")
+        with self._writing():
+            summary = indexer.run(paths, on_skip=on_skip, progress=progress, on_total=on_total)
+            self._index("images")
         return summary
 
     def remove(self, paths) -> int:
-        n = self.store.remove_paths([os.path.abspath(os.fspath(p)) for p in paths])
-        self._index("images")
+        with self._writing():
+            n = self.store.remove_paths([os.path.abspath(os.fspath(p)) for p in paths])
+            self._index("images")
         return n
+
+    def _writing(self):
+        """Hold the index folder's writer lock (waiting for another process's run)."""
+        return self._lock.hold(on_wait=lambda who: log.warning(
+            "another xmr process%s is changing the index in %s; waiting for it to finish",
+            f" ({who})" if who else "", self.index_dir))
 
     # -- captions ---------------------------------------------------------------
     def import_captions(self, path: str | os.PathLike, fmt: str = "auto",
-                        on_bad: Callable[[int, str], None] | None = None) -> dict:
-        bad: list[tuple[int, str]] = []
+                        on_bad: Callable[[str, str], None] | None = None) -> dict:
+        """Import a caption file; ``on_bad(where, reason)`` hears of each entry
+        skipped as malformed (``where``: "line 3", or "images[2] (a.jpg)" in JSON)."""
+        bad: list[tuple[str, str]] = []
 
-        def note(line_no, reason):
-            bad.append((line_no, reason))
+        def note(where, reason):
+            bad.append((where, reason))
             if on_bad:
-                on_bad(line_no, reason)
+                on_bad(where, reason)
 
         pairs = read_caption_file(path, fmt, note)
         if not pairs and not bad:
             raise CaptionFileError(f"{path}: no captions found")
+        with self._writing():
+            return self._add_captions(path, pairs, len(bad))
+
+    def _add_captions(self, path, pairs: list, n_bad: int) -> dict:
         source = str(Path(path).resolve())
         have = self.store.existing_captions(source)
         fresh, seen = [], set()
@@ -293,7 +320,7 @@ class Engine:
             biases = self.querybank.text_bias(vecs) if self.querybank is not None else None
             self.store.add_captions(chunk, vecs, source, biases)
         self._index("captions")
-        return {"imported": len(fresh), "duplicates": len(pairs) - len(fresh), "malformed": len(bad),
+        return {"imported": len(fresh), "duplicates": len(pairs) - len(fresh), "malformed": n_bad,
                 "total": self.store.count_captions()}
 
     # -- queries ----------------------------------------------------------------

@@ -134,3 +134,26 @@ def test_retune_reranker_writes_a_loadable_checkpoint(tmp_path, flickr8k):
     # a second run into the same folder is refused, nothing overwritten
     again = CliRunner().invoke(cli, ["retune-reranker", "xmr-lite2", "--dataset", str(flickr8k), "--out", str(out)])
     assert again.exit_code != 0 and "not empty" in again.output
+
+
+def test_odd_file_names_print_one_line_each(tmp_path, mini_images):
+    """A newline or tab in a file name is shown escaped in human output (one
+    result per line); --json keeps the exact path."""
+    import shutil
+
+    photos = tmp_path / "odd"
+    photos.mkdir()
+    first, second = sorted(mini_images.iterdir())[:2]
+    shutil.copy(first, photos / "two\nlines.jpg")
+    shutil.copy(second, photos / "tab\there émoji 🐶.jpg")
+    (photos / "empty\nfile.jpg").write_bytes(b"")
+    idx = tmp_path / "index"
+    res = run(["index", str(photos)], idx)
+    assert "skipped " in res.output and "empty\\nfile.jpg: empty file" in res.output
+    res = run(["search", "a person", "-k", "2", "--no-rerank"], idx)
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 2, res.output
+    assert any(line.endswith("two\\nlines.jpg") for line in lines)
+    assert any(line.endswith("tab\\there émoji 🐶.jpg") for line in lines)
+    hits = json.loads(run(["search", "a person", "-k", "2", "--no-rerank", "--json"], idx).output)
+    assert {os.path.basename(h["path"]) for h in hits} == {"two\nlines.jpg", "tab\there émoji 🐶.jpg"}

@@ -110,6 +110,88 @@ def test_bad_input_is_skipped_with_reasons(tmp_path, photos):
     assert len(eng.search("red", k=5)) == 5
 
 
+def test_large_jpeg_decodes_reduced_other_large_images_refused(tmp_path, monkeypatch):
+    """A photo over the pixel limit still indexes when it is a JPEG (draft
+    decoding at the encoder's size keeps the decoded pixels small); a PNG of the
+    same size is refused with a reason that says what to do."""
+    from PIL import Image
+
+    from indexer import decode
+
+    monkeypatch.setattr(decode, "MAX_PIXELS", 250_000)
+    monkeypatch.setattr(decode, "MAX_HEADER_PIXELS", 64 * 250_000)
+    big = Image.new("RGB", (2000, 1600), (200, 30, 30))
+    big.save(tmp_path / "big.jpg", quality=80)
+    big.save(tmp_path / "big.png")
+    d = decode.decode_image(tmp_path / "big.jpg", draft_size=260)
+    assert (d.width, d.height) == (2000, 1600) and min(d.image.size) >= 260
+    assert d.image.size[0] * d.image.size[1] <= 250_000
+    with pytest.raises(decode.BadImage) as err:
+        decode.decode_image(tmp_path / "big.jpg")  # no reduced decoding asked for
+    assert err.value.reason == "decompression bomb" and "2000x1600" in err.value.detail
+    with pytest.raises(decode.BadImage) as err:
+        decode.decode_image(tmp_path / "big.png", draft_size=260)
+    assert err.value.reason == "decompression bomb" and "save it as JPEG" in err.value.detail
+    _png_header_only(tmp_path / "huge.jpg.png", 200_000, 100_000)  # beyond any reduction
+    with pytest.raises(decode.BadImage) as err:
+        decode.decode_image(tmp_path / "huge.jpg.png", draft_size=260)
+    assert err.value.reason == "decompression bomb"
+
+
+def test_a_second_writer_waits_for_the_first(tmp_path, photos, caplog):
+    """Two engines on one folder (as two processes would be): while one holds
+    the writer lock, the other's index run waits, and a search neither waits
+    nor writes the FAISS file."""
+    import threading
+    import time
+
+    first = open_engine(tmp_path)
+    first.index([photos])
+    before = first.store.count_images()
+    second = open_engine(tmp_path)
+    more = tmp_path / "more"
+    make_image(more / "late.jpg", (10, 10, 10))
+    faiss_file = tmp_path / "index" / "images.faiss"
+    done = threading.Event()
+    with first._writing():
+        first.store.remove_paths([str(photos / "red.jpg")])
+        faiss_file.unlink()  # a reader rebuilds it, and would write it back if it could
+        worker = threading.Thread(target=lambda: (second.index([more]), done.set()))
+        with caplog.at_level("WARNING"):
+            worker.start()
+            time.sleep(0.5)
+            assert not done.is_set()  # blocked behind the first writer
+            third = open_engine(tmp_path)
+            hits = third.search("red", k=10)  # readers are not blocked
+            assert "red.jpg" not in {os.path.basename(h.path) for h in hits}
+            assert not faiss_file.exists()
+        assert any("waiting for it to finish" in r.getMessage() for r in caplog.records)
+    worker.join(10)
+    assert done.is_set()
+    assert open_engine(tmp_path).store.count_images() == before - 1 + 1
+    assert "late.jpg" in {os.path.basename(r[1]) for r in first.store.iter_rows_under([str(more)])}
+
+
+def test_lock_is_reentrant_and_freed_by_a_dead_holder(tmp_path):
+    import subprocess
+    import sys
+
+    from indexer.lock import IndexLock
+
+    lock = IndexLock(tmp_path)
+    with lock.hold() as a:
+        with lock.hold() as b:
+            assert a and b
+        with IndexLock(tmp_path).hold(wait=False) as other:
+            assert other is False
+    # a process that dies holding the lock leaves it free
+    code = f"from indexer.lock import IndexLock; import os; l = IndexLock({str(tmp_path)!r}); l.hold().__enter__(); os._exit(0)"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert "pid" in lock.holder()
+    with IndexLock(tmp_path).hold(wait=False) as free:
+        assert free
+
+
 def test_under_filter_restricts_inside_recall(tmp_path, photos):
     eng = open_engine(tmp_path)
     eng.index([photos])

@@ -101,17 +101,21 @@ def test_rows_under_thousands_of_paths(tmp_path):
 
 def test_flickr_token_file_with_malformed_lines(tmp_path):
     f = tmp_path / "tokens.txt"
-    f.write_text("a.jpg#0\tA dog runs .\nno tab here\nb.jpg#1\t   \n\nc.jpg#0\tA cat sleeps .\n")
+    f.write_text("a.jpg#0\tA dog runs .\nno tab here\nb.jpg#1\t   \n\nc.jpg#0\tA cat sleeps .\n"
+                 "d.jpg#0\t" + "word " * 300 + "\n")
     bad = []
-    pairs = read_caption_file(f, on_bad=lambda n, r: bad.append(n))
+    pairs = read_caption_file(f, on_bad=lambda where, why: bad.append((where, why)))
     assert pairs == [("a.jpg", "A dog runs ."), ("c.jpg", "A cat sleeps .")]
-    assert bad == [2, 3]
+    assert bad == [("line 2", "expected '<image>#<n><TAB><caption>'"), ("line 3", "empty caption"),
+                   ("line 6", "caption longer than 1000 characters")]
 
 
 def test_karpathy_json_and_errors(tmp_path):
     f = tmp_path / "d.json"
     f.write_text('{"images": [{"filename": "x.jpg", "sentences": [{"raw": "a red car"}, {"raw": ""}]}]}')
-    assert read_caption_file(f) == [("x.jpg", "a red car")]
+    bad = []
+    assert read_caption_file(f, on_bad=lambda where, why: bad.append((where, why))) == [("x.jpg", "a red car")]
+    assert bad == [("images[0] (x.jpg)", "empty caption")]
     f.write_text('{"nope": 1}')
     with pytest.raises(CaptionFileError, match="Karpathy"):
         read_caption_file(f)

@@ -1,0 +1,99 @@
+"""One writer at a time per index folder, across processes.
+
+SQLite already serialises row changes, but an index folder also holds files
+written beside the database: the region-token store (slots are handed out by
+the file's length) and the FAISS files (written to a temporary name, then
+renamed). Two processes doing that at once can hand out one slot twice or
+rename a half-written file into place. :class:`IndexLock` is an advisory
+``flock`` on ``write.lock`` in the folder: commands that change the index
+hold it for their whole run, a second one waits for it, and readers that
+merely refresh a FAISS file skip the refresh while a writer holds it (the
+journal in SQLite keeps them correct without it).
+
+The lock is re-entrant within one :class:`IndexLock` object and released by
+the operating system when a process dies, so a killed run never leaves the
+index locked. Where ``fcntl`` does not exist (Windows) it does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None
+
+LOCK_NAME = "write.lock"
+
+
+class IndexLock:
+    def __init__(self, directory: str | os.PathLike):
+        self.path = Path(directory) / LOCK_NAME
+        self._mutex = threading.RLock()
+        self._depth = 0
+        self._fd: int | None = None
+
+    def holder(self) -> str:
+        """What the lock file says about its last holder ("pid 123"), or ''."""
+        try:
+            return self.path.read_text().strip()
+        except OSError:
+            return ""
+
+    @contextmanager
+    def hold(self, wait: bool = True, on_wait: Callable[[str], None] | None = None) -> Iterator[bool]:
+        """Hold the lock for the ``with`` block; yields whether it is held.
+
+        ``wait=False`` yields False at once where another process holds it.
+        ``on_wait(holder)`` is called once before blocking behind another process.
+        """
+        if not self._mutex.acquire(blocking=wait):  # another thread of this process writes
+            yield False
+            return
+        try:
+            if self._depth == 0 and not self._acquire(wait, on_wait):
+                yield False
+                return
+            self._depth += 1
+            try:
+                yield True
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._release()
+        finally:
+            self._mutex.release()
+
+    def _acquire(self, wait: bool, on_wait) -> bool:
+        if fcntl is None:
+            return True
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not wait:
+                    os.close(fd)
+                    return False
+                if on_wait:
+                    on_wait(self.holder())
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()}\n".encode())
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return True
+
+    def _release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
