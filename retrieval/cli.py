@@ -36,10 +36,17 @@ class _Group(click.Group):
     """Turns XmrError into a clean one-line error for every command."""
 
     def invoke(self, ctx):
+        from sqlalchemy.exc import DatabaseError
+
         try:
             return super().invoke(ctx)
         except XmrError as exc:
             raise click.ClickException(str(exc)) from None
+        except DatabaseError as exc:  # damaged after it opened: say so in one line
+            detail = str(exc.orig) if getattr(exc, "orig", None) is not None else type(exc).__name__
+            raise click.ClickException(
+                f"the index database failed ({detail}); if it is damaged, move the index folder aside and "
+                "index again (your images are untouched)") from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

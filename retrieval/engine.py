@@ -23,7 +23,7 @@ from reranker.base import ImageCandidate, Reranker, fuse, rerank_order
 from .captions import read_caption_file
 from .encoders import DEFAULT_MODEL, DualEncoder, create_encoder
 from .encoders.querybank import augment_items, augment_queries
-from .errors import CaptionFileError, IndexNotFound, ModelMismatch, QueryError
+from .errors import CaptionFileError, IndexNotFound, IndexUnusable, ModelMismatch, QueryError
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +108,12 @@ class Engine:
         if not db.is_file():
             if not create:
                 raise IndexNotFound(f"no index in {index_dir}; create one with: xmr --index {index_dir} index FOLDER")
-            index_dir.mkdir(parents=True, exist_ok=True)
-        store = Store(db)
+            try:
+                index_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise IndexUnusable(f"cannot create the index folder {index_dir} ({exc.strerror or exc}); "
+                                    "choose another with --index DIR or XMR_INDEX") from None
+        store = _open_store(db)
         meta = store.get_meta()
         stored_model = meta.get("model")
         if stored_model and model and model != stored_model:
@@ -468,6 +472,21 @@ class Engine:
                           if self.querybank is not None else None),
             "schema_version": int(meta.get("schema_version", 0)),
         }
+
+
+def _open_store(db: Path) -> Store:
+    from sqlalchemy.exc import DatabaseError
+
+    try:
+        return Store(db)
+    except DatabaseError as exc:
+        detail = str(exc.orig) if getattr(exc, "orig", None) is not None else str(exc).splitlines()[0]
+        if "not a database" in detail or "malformed" in detail:
+            hint = ("it is damaged or not an xmr index; move it aside and index again "
+                    "(your images are untouched), or choose another folder with --index")
+        else:
+            hint = "check that the folder exists and is readable and writable by you, or choose another with --index"
+        raise IndexUnusable(f"{db}: cannot open the index database ({detail}); {hint}") from None
 
 
 def _saved_generation(path: Path) -> int | None:

@@ -10,6 +10,10 @@ class IndexNotFound(XmrError):
     pass
 
 
+class IndexUnusable(XmrError):
+    """The index folder or its database cannot be created or read."""
+
+
 class ModelMismatch(XmrError):
     pass
 

@@ -157,3 +157,37 @@ def test_odd_file_names_print_one_line_each(tmp_path, mini_images):
     assert any(line.endswith("tab\\there émoji 🐶.jpg") for line in lines)
     hits = json.loads(run(["search", "a person", "-k", "2", "--no-rerank", "--json"], idx).output)
     assert {os.path.basename(h["path"]) for h in hits} == {"two\nlines.jpg", "tab\there émoji 🐶.jpg"}
+
+
+def test_unusable_index_folders_give_one_line_errors(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    res = run(["index", str(tmp_path)], blocker / "index", ok=False)
+    assert res.exit_code == 1 and "cannot create the index folder" in res.output and "Traceback" not in res.output
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "xmr.db").write_text("garbage, not SQLite")
+    res = run(["status"], bad, ok=False)
+    assert res.exit_code == 1 and "damaged or not an xmr index" in res.output
+    assert (bad / "xmr.db").read_text() == "garbage, not SQLite"  # left as it was
+
+
+def test_a_database_damaged_after_opening_gives_one_line_error(tmp_path, mini_images):
+    idx = tmp_path / "index"
+    run(["index", str(mini_images)], idx)
+    for f in idx.glob("images.faiss*"):
+        f.unlink()  # the next search must read the rows
+    import sqlite3
+
+    db = idx / "xmr.db"
+    with sqlite3.connect(db) as con:
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # every row in the main file
+        images_page = con.execute("SELECT rootpage FROM sqlite_master WHERE name='images'").fetchone()[0]
+        page = con.execute("PRAGMA page_size").fetchone()[0]
+    raw = bytearray(db.read_bytes())
+    start = (images_page - 1) * page
+    raw[start : start + page] = os.urandom(page)  # the images table's root page
+    db.write_bytes(bytes(raw))
+    res = run(["search", "a dog"], idx, ok=False)
+    assert res.exit_code == 1 and "index database failed" in res.output, res.output
+    assert "Traceback" not in res.output
