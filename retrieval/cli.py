@@ -262,13 +262,21 @@ def status(ctx, as_json):
 @click.pass_context
 def serve(ctx, host, port):
     """Serve the JSON API and the search page."""
+    import socket
+
     import uvicorn
 
     from .server import create_app
 
     engine = _open(ctx, rerank=True)
+    try:  # bind here, so a taken port is one clear line before anything claims to serve
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise click.ClickException(f"cannot listen on {host}:{port} ({reason}); "
+                                   "choose another --port (or --host)") from None
     click.echo(f"xmr serving {engine.index_dir} on http://{host}:{port}/ (API docs at /docs)", err=True)
-    uvicorn.run(create_app(engine), host=host, port=port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning")).run(sockets=[sock])
 
 
 @cli.command("eval")

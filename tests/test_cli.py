@@ -191,3 +191,44 @@ def test_a_database_damaged_after_opening_gives_one_line_error(tmp_path, mini_im
     res = run(["search", "a dog"], idx, ok=False)
     assert res.exit_code == 1 and "index database failed" in res.output, res.output
     assert "Traceback" not in res.output
+
+
+def test_serve_on_a_taken_port_says_so(tmp_path, mini_images):
+    import socket
+
+    idx = tmp_path / "index"
+    run(["index", str(mini_images)], idx)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        res = run(["serve", "--port", str(port)], idx, ok=False)
+    assert res.exit_code == 1 and f"cannot listen on 127.0.0.1:{port}" in res.output
+    assert "xmr serving" not in res.output
+
+
+def test_serve_answers_on_its_port(tmp_path, mini_images):
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    idx = tmp_path / "index"
+    run(["index", str(mini_images)], idx)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-c", "from retrieval.cli import main; main()", "--index", str(idx),
+                             "serve", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline, body = time.time() + 60, None
+        while time.time() < deadline and body is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/search?q=a+dog&k=3", timeout=5) as r:
+                    body = json.loads(r.read())
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read().decode()
+                time.sleep(0.3)
+        assert body is not None and len(body) == 3
+    finally:
+        proc.terminate()
+        proc.wait(10)
