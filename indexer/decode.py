@@ -18,7 +18,15 @@ MAX_PIXELS = 89_478_485  # Pillow's own default warning threshold (~ 9459 x 9459
 MAX_HEADER_PIXELS = 64 * MAX_PIXELS  # what an 8x draft reduction brings under MAX_PIXELS
 MAX_FILE_BYTES = 256 * 1024 * 1024
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif"})
+# Photo formats Pillow cannot read: a folder scan reports them as skipped (so
+# a user learns why their iPhone or camera-raw photos are missing) instead of
+# passing over them in silence like other files.
+UNSUPPORTED_PHOTO_EXTENSIONS = {
+    ".heic": "HEIC", ".heif": "HEIF", ".jxl": "JPEG XL", ".dng": "camera raw", ".cr2": "camera raw",
+    ".cr3": "camera raw", ".nef": "camera raw", ".arw": "camera raw", ".orf": "camera raw", ".rw2": "camera raw",
+    ".raf": "camera raw",
+}
 
 
 class BadImage(Exception):
@@ -42,6 +50,11 @@ class DecodedImage:
 
 def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def unsupported_photo_kind(name: str) -> str | None:
+    """"HEIC", "camera raw", ... for a photo format xmr cannot decode, else None."""
+    return UNSUPPORTED_PHOTO_EXTENSIONS.get(os.path.splitext(name)[1].lower())
 
 
 def decode_image(path: str | os.PathLike, draft_size: int | None = None, data: bytes | None = None) -> DecodedImage:
@@ -83,6 +96,9 @@ def decode_image(path: str | os.PathLike, draft_size: int | None = None, data: b
     except BadImage:
         raise
     except UnidentifiedImageError:
+        kind = unsupported_photo_kind(os.fspath(path))
+        if kind:
+            raise BadImage(f"unsupported format ({kind})", "Pillow cannot decode it; convert it to JPEG") from None
         raise BadImage("not an image", "unrecognised file format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise BadImage("decompression bomb", str(exc).split(".")[0]) from None

@@ -7,7 +7,7 @@ import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from .decode import is_image_name
+from .decode import is_image_name, unsupported_photo_kind
 
 
 @dataclass(frozen=True)
@@ -95,3 +95,5 @@ def scan(roots: Iterable[str | os.PathLike]) -> Iterator[FoundFile | SkippedFile
             for name in sorted(filenames):
                 if is_image_name(name):
                     yield stat_file(os.path.join(dirpath, name))
+                elif (kind := unsupported_photo_kind(name)) is not None:
+                    yield SkippedFile(os.path.join(dirpath, name), f"unsupported format ({kind})")

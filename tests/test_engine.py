@@ -192,6 +192,26 @@ def test_lock_is_reentrant_and_freed_by_a_dead_holder(tmp_path):
         assert free
 
 
+def test_avif_indexes_and_unreadable_photo_formats_are_reported(tmp_path):
+    from PIL import Image, features
+
+    root = tmp_path / "phone"
+    make_image(root / "red.jpg", COLORS["red"])
+    if features.check("avif"):
+        Image.new("RGB", (64, 48), COLORS["blue"]).save(root / "blue.avif")
+    (root / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic" + b"\x00" * 64)
+    (root / "DSC_0002.nef").write_bytes(b"II*\x00" + b"\x00" * 64)
+    (root / "notes.txt").write_text("not a photo, passed over in silence")
+    eng = open_engine(tmp_path)
+    skipped = []
+    s = eng.index([root], on_skip=lambda p, r: skipped.append((os.path.basename(p), r)))
+    assert sorted(skipped) == [("DSC_0002.nef", "unsupported format (camera raw)"),
+                               ("IMG_0001.HEIC", "unsupported format (HEIC)")]
+    assert s.added == (2 if features.check("avif") else 1)
+    if features.check("avif"):
+        assert os.path.basename(eng.search("blue", k=1)[0].path) == "blue.avif"
+
+
 def test_under_filter_restricts_inside_recall(tmp_path, photos):
     eng = open_engine(tmp_path)
     eng.index([photos])
