@@ -34,6 +34,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from .walk import outermost
 
 SCHEMA_VERSION = 2
+TOKEN_FILE_KEY = "tokens_file"  # meta: the token store's current file (absent: tokens.f16)
 
 
 # Paths per query of Store.iter_rows_under: each adds one LIKE to an OR chain,
@@ -319,11 +320,30 @@ class Store:
             q = select(ImageRow.id).where(ImageRow.path.startswith(folder + os.sep, autoescape=True))
             return np.fromiter((r for r in s.scalars(q)), dtype=np.int64)
 
-    def token_slots(self, ids: Iterable[int]) -> dict[int, int]:
+    def token_slots(self, ids: Iterable[int]) -> tuple[dict[int, int], str | None]:
+        """({id: token slot}, the token file those slots are in (None: the
+        default file)), read in one transaction."""
         ids = list(ids)
-        with self.session() as s:
+        with self.session() as s, s.begin():
             q = select(ImageRow.id, ImageRow.token_slot).where(ImageRow.id.in_(ids), ImageRow.token_slot.is_not(None))
-            return {i: slot for i, slot in s.execute(q)}
+            slots = {i: slot for i, slot in s.execute(q)}
+            row = s.get(MetaRow, TOKEN_FILE_KEY)
+            return slots, (row.value if row else None)
+
+    def live_token_slots(self) -> list[tuple[int, int]]:
+        """(id, slot) of every image with tokens, by slot."""
+        with self.session() as s:
+            q = select(ImageRow.id, ImageRow.token_slot).where(ImageRow.token_slot.is_not(None)).order_by(
+                ImageRow.token_slot)
+            return [(int(i), int(slot)) for i, slot in s.execute(q)]
+
+    def switch_token_file(self, filename: str, new_slots: dict[int, int]) -> None:
+        """Point the images at ``new_slots`` in ``filename``, in one transaction."""
+        with self.session() as s, s.begin():
+            items = list(new_slots.items())
+            for b in range(0, len(items), 10_000):
+                s.execute(update(ImageRow), [{"id": i, "token_slot": slot} for i, slot in items[b : b + 10_000]])
+            s.merge(MetaRow(key=TOKEN_FILE_KEY, value=filename))
 
     def iter_vectors(self, table: str, dim: int, batch: int = 4096,
                      ids: Iterable[int] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:

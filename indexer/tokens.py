@@ -6,8 +6,10 @@ Layout: ``tokens.f16`` holds slot after slot, each ``tokens x width`` fp16
 values; ``tokens.json`` records the shape. SQLite keeps each image's slot.
 Writes go to the file (flushed and fsynced) before the rows that point to
 them are committed, so a killed run leaves at most unreferenced slots, never a
-row pointing at missing data. Slots of removed images are not reused (the file
-keeps them until the index is rebuilt).
+row pointing at missing data. Slots of removed or re-embedded images are not reused; :meth:`TokenStore.compact_into`
+copies the live slots into a fresh file, which the index then switches to
+(``retrieval.engine``: the file's name and the new slots change in one SQLite
+transaction, so a reader never pairs slots with the wrong file).
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ from pathlib import Path
 import numpy as np
 
 
+DEFAULT_FILE = "tokens.f16"
+
+
 class TokenStore:
-    def __init__(self, directory: str | os.PathLike, shape: tuple[int, int]):
+    def __init__(self, directory: str | os.PathLike, shape: tuple[int, int], filename: str = DEFAULT_FILE):
         self.dir = Path(directory)
-        self.path = self.dir / "tokens.f16"
+        self.path = self.dir / filename
         self.meta_path = self.dir / "tokens.json"
         self.shape = tuple(int(x) for x in shape)
         self.slot_bytes = self.shape[0] * self.shape[1] * 2
@@ -70,3 +75,17 @@ class TokenStore:
             self._map = np.memmap(self.path, dtype=np.float16, mode="r", shape=(n,) + self.shape)
             self._map_slots = n
         return np.array(self._map[slots])
+
+    def compact_into(self, filename: str, slots: list[int], chunk: int = 256) -> "TokenStore":
+        """Copy ``slots`` (in that order) into a new file ``filename`` beside
+        this one, flushed to disk; slot ``slots[i]`` becomes slot ``i`` there.
+        This file is left as it is."""
+        new = TokenStore(self.dir, self.shape, filename)
+        tmp = new.path.with_name(new.path.name + f".{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            for s in range(0, len(slots), chunk):
+                f.write(np.ascontiguousarray(self.get(slots[s : s + chunk])).tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, new.path)
+        return new

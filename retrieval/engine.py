@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,7 +16,8 @@ import numpy as np
 from indexer.decode import BadImage, decode_image
 from indexer.lock import IndexLock
 from indexer.pipeline import Indexer, IndexSummary
-from indexer.store import Store
+from indexer.store import TOKEN_FILE_KEY, Store
+from indexer.tokens import DEFAULT_FILE as TOKENS_DEFAULT_FILE
 from indexer.tokens import TokenStore
 from indexer.vectors import EXACT_LIMIT, VectorIndex, build_index, spec_still_fits
 from reranker.base import ImageCandidate, Reranker, fuse, rerank_order
@@ -34,6 +36,9 @@ DEFAULT_RERANK_K = 20
 # A FAISS file is rewritten once this many changes (or 1% of its vectors) are
 # journaled past it; fewer are replayed by whoever loads it.
 SAVE_AFTER_CHANGES = 1000
+# The token store is rewritten without dead slots (removed or re-embedded
+# images) once they outnumber the live ones and are at least this many.
+COMPACT_MIN_DEAD_SLOTS = 1000
 
 
 @dataclass
@@ -90,7 +95,8 @@ class Engine:
         self._indexes: dict[str, VectorIndex] = {}
         self._lock = IndexLock(self.index_dir)
         shape = getattr(encoder, "token_shape", None)
-        self.tokens = TokenStore(self.index_dir, shape) if shape else None
+        token_file = store.get_meta().get(TOKEN_FILE_KEY, TOKENS_DEFAULT_FILE)
+        self.tokens = TokenStore(self.index_dir, shape, token_file) if shape else None
 
     # -- opening ----------------------------------------------------------------
     @classmethod
@@ -270,19 +276,22 @@ class Engine:
             if prepare is None:
                 log.warning("%s decodes on threads: its preprocessing cannot run in worker processes", enc.name)
                 prepare, processes = enc.prepare, 0
-        indexer = Indexer(self.store, prepare, enc.encode_images_with_tokens, batch_size=batch_size, threads=threads,
-                          draft_size=enc.input_size, tokens=self.tokens,
-                          bias=self.querybank.image_bias if self.querybank is not None else None,
-                          processes=processes)
         with self._writing():
+            self._follow_token_file()  # a run that held the lock before may have compacted it
+            indexer = Indexer(self.store, prepare, enc.encode_images_with_tokens, batch_size=batch_size,
+                              threads=threads, draft_size=enc.input_size, tokens=self.tokens,
+                              bias=self.querybank.image_bias if self.querybank is not None else None,
+                              processes=processes)
             summary = indexer.run(paths, on_skip=on_skip, progress=progress, on_total=on_total)
             self._index("images")
+            self._compact_tokens()
         return summary
 
     def remove(self, paths) -> int:
         with self._writing():
             n = self.store.remove_paths([os.path.abspath(os.fspath(p)) for p in paths])
             self._index("images")
+            self._compact_tokens()
         return n
 
     def _writing(self):
@@ -338,9 +347,49 @@ class Engine:
         """Region tokens of indexed images, from the memory-mapped store."""
         if self.tokens is None:
             return {}
-        slots = self.store.token_slots(ids)
-        arrays = self.tokens.get(list(slots.values()))
-        return dict(zip(slots.keys(), arrays))
+        retries = 2
+        while True:
+            slots, filename = self.store.token_slots(ids)
+            self._follow_token_file(filename or TOKENS_DEFAULT_FILE)
+            try:
+                arrays = self.tokens.get(list(slots.values()))
+                return dict(zip(slots.keys(), arrays))
+            except FileNotFoundError:  # compacted again between the read and the open
+                if retries == 0:
+                    raise
+                retries -= 1
+
+    def _follow_token_file(self, filename: str | None = None) -> None:
+        """Switch to the token file the database names (``filename`` when the
+        caller read it already): another process may have compacted the store."""
+        if self.tokens is None:
+            return
+        filename = filename or self.store.get_meta().get(TOKEN_FILE_KEY, TOKENS_DEFAULT_FILE)
+        if filename != self.tokens.path.name:
+            self.tokens = TokenStore(self.index_dir, self.tokens.shape, filename)
+
+    def _compact_tokens(self) -> None:
+        """Rewrite the token store without the slots of removed or re-embedded
+        images once they are the larger part of it (and at least
+        :data:`COMPACT_MIN_DEAD_SLOTS`). Call with the writer lock held."""
+        if self.tokens is None:
+            return
+        self._follow_token_file()
+        live = self.store.live_token_slots()
+        dead = self.tokens.n_slots - len(live)
+        if dead < max(COMPACT_MIN_DEAD_SLOTS, len(live)):
+            return
+        old = self.tokens.path
+        m = re.fullmatch(r"tokens-(\d+)\.f16", old.name)
+        name = f"tokens-{int(m.group(1)) + 1 if m else 1}.f16"
+        new = self.tokens.compact_into(name, [slot for _, slot in live])
+        self.store.switch_token_file(name, {i: k for k, (i, _) in enumerate(live)})
+        self.tokens = new
+        for stale in self.index_dir.glob("tokens*.f16"):  # the old file, and any a killed run left behind
+            if stale.name != name:
+                stale.unlink(missing_ok=True)
+        log.info("token store compacted: %d live slots kept, %d dead dropped (%s -> %s)", len(live), dead,
+                 old.name, name)
 
     def _candidates(self, rows: dict, ids: list[int]) -> list[ImageCandidate]:
         """Reranker inputs for ``ids``, whose rows are already loaded."""

@@ -6,6 +6,7 @@ import shutil
 import struct
 import zlib
 
+import numpy as np
 import pytest
 
 from retrieval.engine import Engine
@@ -210,6 +211,59 @@ def test_avif_indexes_and_unreadable_photo_formats_are_reported(tmp_path):
     assert s.added == (2 if features.check("avif") else 1)
     if features.check("avif"):
         assert os.path.basename(eng.search("blue", k=1)[0].path) == "blue.avif"
+
+
+class _TokenEncoder(FakeEncoder):
+    """FakeEncoder with region tokens: each image's tokens are its vector's first 8 values."""
+
+    token_shape = (2, 4)
+
+    def encode_images_with_tokens(self, prepared):
+        vecs = self.encode_images(prepared)
+        return vecs, vecs[:, :8].reshape(-1, 2, 4).astype(np.float16)
+
+
+def test_token_store_is_compacted_and_readers_follow(tmp_path, photos, monkeypatch):
+    """Re-embedded and removed images leave dead token slots; once they are
+    the larger part the store is rewritten, and an engine opened before (as
+    another process would be) still reads each image's own tokens."""
+    from indexer.decode import decode_image
+    from retrieval import engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "COMPACT_MIN_DEAD_SLOTS", 2)
+    eng = open_engine(tmp_path, _TokenEncoder())
+    eng.index([photos])
+    n = eng.store.count_images()
+    reader = open_engine(tmp_path, _TokenEncoder())
+    assert reader._tokens([1])  # maps the first file
+    stale_writer = open_engine(tmp_path, _TokenEncoder())  # opened before the compaction, writes after it
+    idx = tmp_path / "index"
+    assert (idx / "tokens.f16").exists()
+    files = sorted(p for p in photos.rglob("*") if p.is_file())
+    assert len(files) == n >= 5
+    for path, color in zip(files[:3], [(5, 5, 5), (60, 60, 60), (120, 0, 120)]):
+        make_image(path, color, size=(70, 50))  # changed content: re-embedded, new slots
+    eng.index([photos])
+    eng.remove([files[3]])  # 3 + 1 dead slots against n - 1 live: compacted
+    assert not (idx / "tokens.f16").exists() and (idx / "tokens-1.f16").exists()
+    assert eng.tokens.n_slots == n - 1
+    enc = _TokenEncoder()
+    for e in (eng, reader, open_engine(tmp_path, _TokenEncoder())):
+        rows = {r[1]: r[0] for r in e.store.iter_rows_under([str(photos)])}
+        toks = e._tokens(list(rows.values()))
+        assert len(toks) == len(rows) == n - 1
+        for path, image_id in rows.items():
+            want = enc.encode_images_with_tokens([enc.prepare(decode_image(path, enc.input_size).image)])[1][0]
+            np.testing.assert_array_equal(toks[image_id], want)
+    make_image(tmp_path / "late" / "late.jpg", (0, 90, 200))
+    stale_writer.index([tmp_path / "late"])
+    assert not (idx / "tokens.f16").exists() and eng.tokens.n_slots == n  # appended to the current file
+    late_id = next(iter(eng.store.iter_rows_under([str(tmp_path / "late")])))[0]
+    late = decode_image(tmp_path / "late" / "late.jpg", enc.input_size).image
+    np.testing.assert_array_equal(eng._tokens([late_id])[late_id], enc.encode_images_with_tokens([enc.prepare(late)])[1][0])
+    # below the threshold nothing is rewritten
+    eng.remove([files[4]])
+    assert (idx / "tokens-1.f16").exists() and eng.tokens.n_slots == n
 
 
 def test_under_filter_restricts_inside_recall(tmp_path, photos):
