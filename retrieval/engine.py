@@ -278,6 +278,8 @@ class Engine:
                 prepare, processes = enc.prepare, 0
         with self._writing():
             self._follow_token_file()  # a run that held the lock before may have compacted it
+            if self.tokens is not None:
+                self._drop_stale_token_files()
             indexer = Indexer(self.store, prepare, enc.encode_images_with_tokens, batch_size=batch_size,
                               threads=threads, draft_size=enc.input_size, tokens=self.tokens,
                               bias=self.querybank.image_bias if self.querybank is not None else None,
@@ -368,6 +370,15 @@ class Engine:
         if filename != self.tokens.path.name:
             self.tokens = TokenStore(self.index_dir, self.tokens.shape, filename)
 
+    def _drop_stale_token_files(self) -> None:
+        """Delete token files the database no longer names (the one a compaction
+        replaced, or what a killed one left). Call with the writer lock held: a
+        search still reading a deleted file keeps its open map, or retries."""
+        keep = self.tokens.path.name
+        for stale in [*self.index_dir.glob("tokens*.f16"), *self.index_dir.glob("tokens*.f16.*.tmp")]:
+            if stale.name != keep:
+                stale.unlink(missing_ok=True)
+
     def _compact_tokens(self) -> None:
         """Rewrite the token store without the slots of removed or re-embedded
         images once they are the larger part of it (and at least
@@ -385,9 +396,7 @@ class Engine:
         new = self.tokens.compact_into(name, [slot for _, slot in live])
         self.store.switch_token_file(name, {i: k for k, (i, _) in enumerate(live)})
         self.tokens = new
-        for stale in self.index_dir.glob("tokens*.f16"):  # the old file, and any a killed run left behind
-            if stale.name != name:
-                stale.unlink(missing_ok=True)
+        self._drop_stale_token_files()
         log.info("token store compacted: %d live slots kept, %d dead dropped (%s -> %s)", len(live), dead,
                  old.name, name)
 

@@ -256,7 +256,10 @@ def test_token_store_is_compacted_and_readers_follow(tmp_path, photos, monkeypat
             want = enc.encode_images_with_tokens([enc.prepare(decode_image(path, enc.input_size).image)])[1][0]
             np.testing.assert_array_equal(toks[image_id], want)
     make_image(tmp_path / "late" / "late.jpg", (0, 90, 200))
+    (idx / "tokens-2.f16").write_bytes(b"left by a compaction killed before its switch")
+    (idx / "tokens-2.f16.999.tmp").write_bytes(b"killed while copying")
     stale_writer.index([tmp_path / "late"])
+    assert sorted(p.name for p in idx.glob("tokens*")) == ["tokens-1.f16", "tokens.json"]
     assert not (idx / "tokens.f16").exists() and eng.tokens.n_slots == n  # appended to the current file
     late_id = next(iter(eng.store.iter_rows_under([str(tmp_path / "late")])))[0]
     late = decode_image(tmp_path / "late" / "late.jpg", enc.input_size).image
