@@ -330,19 +330,21 @@ class Store:
             row = s.get(MetaRow, TOKEN_FILE_KEY)
             return slots, (row.value if row else None)
 
-    def live_token_slots(self) -> list[tuple[int, int]]:
-        """(id, slot) of every image with tokens, by slot."""
+    def live_token_slots(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, slots) of every image with tokens, ordered by slot (int64 arrays)."""
         with self.session() as s:
             q = select(ImageRow.id, ImageRow.token_slot).where(ImageRow.token_slot.is_not(None)).order_by(
                 ImageRow.token_slot)
-            return [(int(i), int(slot)) for i, slot in s.execute(q)]
+            pairs = np.fromiter((v for row in s.execute(q) for v in row), dtype=np.int64)
+        return pairs[0::2].copy(), pairs[1::2].copy()
 
-    def switch_token_file(self, filename: str, new_slots: dict[int, int]) -> None:
-        """Point the images at ``new_slots`` in ``filename``, in one transaction."""
+    def switch_token_file(self, filename: str, ids: np.ndarray, batch: int = 10_000) -> None:
+        """Give ``ids[k]`` token slot ``k`` and name ``filename`` as the token
+        file, in one transaction."""
         with self.session() as s, s.begin():
-            items = list(new_slots.items())
-            for b in range(0, len(items), 10_000):
-                s.execute(update(ImageRow), [{"id": i, "token_slot": slot} for i, slot in items[b : b + 10_000]])
+            for b in range(0, len(ids), batch):
+                s.execute(update(ImageRow), [{"id": int(i), "token_slot": b + k}
+                                             for k, i in enumerate(ids[b : b + batch])])
             s.merge(MetaRow(key=TOKEN_FILE_KEY, value=filename))
 
     def iter_vectors(self, table: str, dim: int, batch: int = 4096,

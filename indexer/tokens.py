@@ -76,16 +76,22 @@ class TokenStore:
             self._map_slots = n
         return np.array(self._map[slots])
 
-    def compact_into(self, filename: str, slots: list[int], chunk: int = 256) -> "TokenStore":
+    def compact_into(self, filename: str, slots, chunk: int = 256) -> "TokenStore":
         """Copy ``slots`` (in that order) into a new file ``filename`` beside
         this one, flushed to disk; slot ``slots[i]`` becomes slot ``i`` there.
         This file is left as it is."""
         new = TokenStore(self.dir, self.shape, filename)
         tmp = new.path.with_name(new.path.name + f".{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
+        # plain reads, not the memory map: a map would count every page of a
+        # large file in this process's resident memory
+        with open(self.path, "rb") as src, open(tmp, "wb") as dst:
+            fd = src.fileno()
             for s in range(0, len(slots), chunk):
-                f.write(np.ascontiguousarray(self.get(slots[s : s + chunk])).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
+                parts = [os.pread(fd, self.slot_bytes, int(slot) * self.slot_bytes) for slot in slots[s : s + chunk]]
+                if any(len(p) != self.slot_bytes for p in parts):
+                    raise KeyError(f"a token slot of {self.path} lies beyond its end; compaction abandoned")
+                dst.write(b"".join(parts))
+            dst.flush()
+            os.fsync(dst.fileno())
         os.replace(tmp, new.path)
         return new

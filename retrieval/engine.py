@@ -386,18 +386,22 @@ class Engine:
         if self.tokens is None:
             return
         self._follow_token_file()
-        live = self.store.live_token_slots()
-        dead = self.tokens.n_slots - len(live)
-        if dead < max(COMPACT_MIN_DEAD_SLOTS, len(live)):
+        ids, slots = self.store.live_token_slots()
+        dead = self.tokens.n_slots - len(ids)
+        if dead < max(COMPACT_MIN_DEAD_SLOTS, len(ids)):
             return
         old = self.tokens.path
         m = re.fullmatch(r"tokens-(\d+)\.f16", old.name)
         name = f"tokens-{int(m.group(1)) + 1 if m else 1}.f16"
-        new = self.tokens.compact_into(name, [slot for _, slot in live])
-        self.store.switch_token_file(name, {i: k for k, (i, _) in enumerate(live)})
+        try:
+            new = self.tokens.compact_into(name, slots)
+        except (OSError, KeyError) as exc:  # housekeeping: the index stays as it was
+            log.warning("token store not compacted (%s); it stays as it was", exc)
+            return
+        self.store.switch_token_file(name, ids)
         self.tokens = new
         self._drop_stale_token_files()
-        log.info("token store compacted: %d live slots kept, %d dead dropped (%s -> %s)", len(live), dead,
+        log.info("token store compacted: %d live slots kept, %d dead dropped (%s -> %s)", len(ids), dead,
                  old.name, name)
 
     def _candidates(self, rows: dict, ids: list[int]) -> list[ImageCandidate]:
