@@ -25,10 +25,10 @@ def default_index_dir() -> Path:
     return Path(base) / "xmr" / "index"
 
 
-def _progress(desc: str, total: int | None):
+def _progress(desc: str, total: int | None, unit: str = "it"):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="it", dynamic_ncols=True, file=sys.stderr,
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr,
                 disable=None if sys.stderr.isatty() else False, mininterval=1.0)
 
 
@@ -201,7 +201,17 @@ def captions_import(ctx, file, fmt):
         if shown[0] <= 20:
             click.echo(f"skipped {where}: {_shown(reason)}", err=True)
 
-    result = engine.import_captions(file, fmt, on_bad)
+    bar = None
+
+    def on_total(n):
+        nonlocal bar
+        if n:
+            bar = _progress("embedding captions", n, unit="caption")
+
+    result = engine.import_captions(file, fmt, on_bad, progress=lambda n: bar.update(n) if bar else None,
+                                    on_total=on_total)
+    if bar:
+        bar.close()
     click.echo(f"imported {result['imported']} captions ({result['duplicates']} already there, "
                f"{result['malformed']} malformed entries skipped); {result['total']} in the collection")
 

@@ -304,9 +304,12 @@ class Engine:
 
     # -- captions ---------------------------------------------------------------
     def import_captions(self, path: str | os.PathLike, fmt: str = "auto",
-                        on_bad: Callable[[str, str], None] | None = None) -> dict:
+                        on_bad: Callable[[str, str], None] | None = None, progress: Callable | None = None,
+                        on_total: Callable | None = None) -> dict:
         """Import a caption file; ``on_bad(where, reason)`` hears of each entry
-        skipped as malformed (``where``: "line 3", or "images[2] (a.jpg)" in JSON)."""
+        skipped as malformed (``where``: "line 3", or "images[2] (a.jpg)" in JSON);
+        ``on_total(n)`` of the number of new captions to embed, ``progress(n)``
+        of each batch embedded."""
         bad: list[tuple[str, str]] = []
 
         def note(where, reason):
@@ -318,9 +321,10 @@ class Engine:
         if not pairs and not bad:
             raise CaptionFileError(f"{path}: no captions found")
         with self._writing():
-            return self._add_captions(path, pairs, len(bad))
+            return self._add_captions(path, pairs, len(bad), progress, on_total)
 
-    def _add_captions(self, path, pairs: list, n_bad: int) -> dict:
+    def _add_captions(self, path, pairs: list, n_bad: int, progress: Callable | None,
+                      on_total: Callable | None) -> dict:
         source = str(Path(path).resolve())
         have = self.store.existing_captions(source)
         fresh, seen = [], set()
@@ -329,11 +333,15 @@ class Engine:
                 continue
             seen.add((name, caption))
             fresh.append((name, caption))
-        for s in range(0, len(fresh), 1024):
-            chunk = fresh[s : s + 1024]
+        if on_total:
+            on_total(len(fresh))
+        for s in range(0, len(fresh), 256):
+            chunk = fresh[s : s + 256]
             vecs = self.encoder.encode_texts([c for _, c in chunk])
             biases = self.querybank.text_bias(vecs) if self.querybank is not None else None
             self.store.add_captions(chunk, vecs, source, biases)
+            if progress:
+                progress(len(chunk))
         self._index("captions")
         return {"imported": len(fresh), "duplicates": len(pairs) - len(fresh), "malformed": n_bad,
                 "total": self.store.count_captions()}

@@ -328,8 +328,10 @@ def test_captions_import_formats_and_lookup(tmp_path, photos):
     again = eng.import_captions(csv_file)
     assert again["imported"] == 0 and again["duplicates"] == 2
     txt = tmp_path / "caps.txt"
-    txt.write_text("blue sky\n\nwhite snow\n")
-    assert eng.import_captions(txt)["imported"] == 2
+    txt.write_text("blue sky\n\nwhite snow\n" + "".join(f"caption number {i}\n" for i in range(300)))
+    totals, done = [], []
+    assert eng.import_captions(txt, progress=done.append, on_total=totals.append)["imported"] == 302
+    assert totals == [302] and sum(done) == 302 and len(done) == 2  # batches of 256
     hits = eng.caption(photos / "blue.jpg", k=1)
     assert hits[0].caption == "blue sky"
 

@@ -161,6 +161,18 @@ def test_default_model_ships_and_loads_offline():
     assert v[0] @ v[1] > 0.999 and v[0] @ v[2] < 0.9
 
 
+def test_batched_text_embeddings_keep_input_order():
+    """Captions are embedded in batches sorted by length; each row must still
+    be its own caption's embedding, as when embedded alone."""
+    from retrieval.encoders import create_encoder
+
+    enc = create_encoder("xmr-lite2", device="cpu")
+    texts = [("a dog " * (i % 7 + 1)) + f"number {i}" for i in range(150)] + ["x", "two people climbing a mountain"]
+    together = enc.encode_texts(texts)
+    for i in (0, 1, 6, 77, 149, 150, 151):
+        np.testing.assert_allclose(together[i], enc.encode_texts([texts[i]])[0], atol=1e-5)
+
+
 @pytest.mark.slow
 def test_full_size_photos_score_like_the_224_copies(mini_dataset, flickr8k):
     """The mini set holds full-size originals of 32 test photos; their squashed
