@@ -87,6 +87,11 @@ def test_hf_clip_by_local_path(tmp_path, tiny_clip, photos):
     want = [str(paths[i]) for i in sims[:, 0].argsort(descending=True).tolist()]
     assert [h.path for h in hits] == want
     np.testing.assert_allclose([h.score for h in hits], sorted(sims[:, 0].tolist(), reverse=True), atol=1e-4)
+    # texts embedded together (batched by length) equal each text embedded alone, in input order
+    texts = ["a red square"] + [f"a {'very ' * (i % 9)}long caption number {i}" for i in range(90)]
+    together = eng.encoder.encode_texts(texts)
+    for i in (0, 5, 44, 90):
+        np.testing.assert_allclose(together[i], eng.encoder.encode_texts([texts[i]])[0], atol=1e-5)
     eng.close()
     # reopening without --model uses the recorded one
     eng = Engine.open(tmp_path / "index", reranker="none")

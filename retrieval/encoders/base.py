@@ -15,6 +15,21 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
+def embed_by_length(texts: list[str], batch: int, embed) -> np.ndarray:
+    """``embed(list of texts) -> [n, D] array`` applied to batches of texts of
+    similar length (less padding; small batches stay in a CPU's cache), rows
+    returned in input order."""
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    out = None
+    for s in range(0, len(texts), batch):
+        idx = order[s : s + batch]
+        part = np.asarray(embed([texts[i] for i in idx]), dtype=np.float32)
+        if out is None:
+            out = np.empty((len(texts), part.shape[1]), np.float32)
+        out[idx] = part
+    return out if out is not None else np.zeros((0, 0), np.float32)
+
+
 class DualEncoder(ABC):
     """Maps images and texts into one space; owns its preprocessing.
 

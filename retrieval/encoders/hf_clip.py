@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import UnknownModel
-from .base import DualEncoder
+from .base import DualEncoder, embed_by_length
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +62,12 @@ class HFClipEncoder(DualEncoder):
     def _embed_texts(self, texts: list[str]) -> np.ndarray:
         import torch
 
-        out = []
         padding = "max_length" if "siglip" in type(self.model).__name__.lower() else True
-        for s in range(0, len(texts), 256):
-            enc = self.processor.tokenizer(texts[s : s + 256], padding=padding, truncation=True, return_tensors="pt")
+
+        def embed(part):
+            enc = self.processor.tokenizer(part, padding=padding, truncation=True, return_tensors="pt")
             enc = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
             with torch.inference_mode():
-                out.append(self._as_tensor(self.model.get_text_features(**enc)).float().cpu().numpy())
-        return np.concatenate(out)
+                return self._as_tensor(self.model.get_text_features(**enc)).float().cpu().numpy()
+
+        return embed_by_length(texts, 64 if self.device.type == "cpu" else 512, embed)
