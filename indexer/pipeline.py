@@ -15,6 +15,7 @@ import hashlib
 import logging
 import multiprocessing
 import os
+import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -246,6 +247,9 @@ _GONE_HASHES: frozenset = frozenset()
 def _init_worker(gone_hashes: frozenset) -> None:
     global _GONE_HASHES
     _GONE_HASHES = gone_hashes
+    # Ctrl-C reaches the whole process group: the parent stops the run and
+    # shuts the pool down; workers dying of it on their own only print tracebacks.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _examine_in_worker(f: FoundFile, state, draft_size: int | None, prepare: Callable):

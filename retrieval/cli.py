@@ -139,8 +139,15 @@ def index(ctx, paths, model, batch_size, threads, processes, quiet):
             msg = f"skipped {_shown(str(path))}: {reason}"
             (bar.write(msg, file=sys.stderr) if bar else click.echo(msg, err=True))
 
-    summary = engine.index(paths, on_skip=on_skip, progress=progress, on_total=on_total,
-                           batch_size=batch_size, threads=threads, processes=processes)
+    try:
+        summary = engine.index(paths, on_skip=on_skip, progress=progress, on_total=on_total,
+                               batch_size=batch_size, threads=threads, processes=processes)
+    except KeyboardInterrupt:
+        if bar:
+            bar.close()
+        click.echo(f"interrupted: {engine.store.count_images()} images in {engine.index_dir} are kept; "
+                   "run the same command again to index the rest", err=True)
+        ctx.exit(130)
     if bar:
         bar.close()
     d = summary.to_dict()

@@ -60,3 +60,35 @@ def test_sigkill_during_indexing_then_resume(tmp_path, mini_images):
     assert json.loads(res.output)["images"] == 32
     n_img, n_tok, bad = counts(db)
     assert (n_img, n_tok, bad) == (32, 32, 0)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_indexing_cleanly(tmp_path, mini_images):
+    """Ctrl-C (SIGINT to the whole process group, decoding worker processes
+    included) stops the run at once with one line and no tracebacks; what was
+    indexed stays whole."""
+    import os
+
+    idx = tmp_path / "index"
+    cmd = [sys.executable, "-m", "retrieval.cli", "--index", str(idx), "index", "-q", "--batch-size", "4",
+           "--processes", "2", str(mini_images)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    db = idx / "xmr.db"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if db.exists():
+            try:
+                if counts(db)[0] >= 4:
+                    break
+            except sqlite3.Error:
+                pass
+        if proc.poll() is not None:
+            pytest.fail("indexing ended before it could be interrupted: " + proc.stderr.read().decode()[-500:])
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    err = err.decode()
+    assert proc.returncode == 130, err
+    assert "interrupted:" in err and "Traceback" not in err, err
+    n_img, n_tok, bad = counts(db)
+    assert 0 < n_img < 32 and n_tok == n_img and bad == 0
