@@ -24,23 +24,29 @@ def counts(db):
     return n_img, n_tok, bad
 
 
+def wait_for_rows(proc, db, n: int = 4, timeout: float = 300) -> None:
+    """Wait until the indexing run ``proc`` has committed ``n`` images."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if db.exists():
+            try:
+                if counts(db)[0] >= n:
+                    return
+            except sqlite3.Error:
+                pass
+        if proc.poll() is not None:
+            pytest.fail("indexing ended before it could be stopped: " + proc.stderr.read().decode()[-500:])
+        time.sleep(0.2)
+    pytest.fail(f"indexing committed fewer than {n} images in {timeout} s")
+
+
 @pytest.mark.slow
 def test_sigkill_during_indexing_then_resume(tmp_path, mini_images):
     idx = tmp_path / "index"
     cmd = [sys.executable, "-m", "retrieval.cli", "--index", str(idx), "index", "-q", "--batch-size", "4", str(mini_images)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     db = idx / "xmr.db"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if db.exists():
-            try:
-                if counts(db)[0] >= 4:
-                    break
-            except sqlite3.Error:
-                pass
-        if proc.poll() is not None:
-            pytest.fail("indexing ended before it could be killed: " + proc.stderr.read().decode()[-500:])
-        time.sleep(0.2)
+    wait_for_rows(proc, db)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     n_img, n_tok, bad = counts(db)
@@ -74,17 +80,7 @@ def test_ctrl_c_stops_indexing_cleanly(tmp_path, mini_images):
            "--processes", "2", str(mini_images)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     db = idx / "xmr.db"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if db.exists():
-            try:
-                if counts(db)[0] >= 4:
-                    break
-            except sqlite3.Error:
-                pass
-        if proc.poll() is not None:
-            pytest.fail("indexing ended before it could be interrupted: " + proc.stderr.read().decode()[-500:])
-        time.sleep(0.2)
+    wait_for_rows(proc, db)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     err = err.decode()
