@@ -96,9 +96,15 @@ def _shown(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
-def _print_images(hits) -> None:
+def _print_images(hits, engine, under: str | None = None) -> None:
     if not hits:
-        click.echo("no results")
+        if engine.store.count_images() == 0:
+            click.echo(f"no results: the index in {engine.index_dir} holds no images yet; add some with: "
+                       "xmr index FOLDER")
+        elif under is not None and not len(engine.store.image_ids_under(os.path.abspath(under))):
+            click.echo(f"no results: no indexed images below {_shown(os.path.abspath(under))}")
+        else:
+            click.echo("no results")
         return
     for h in hits:
         mark = "*" if h.reranked else " "
@@ -172,7 +178,7 @@ def search(ctx, query, k, no_rerank, rerank_k, reranker, under, as_json):
     """Find images matching a text."""
     engine = _open(ctx, rerank=not no_rerank, reranker=reranker)
     hits = engine.search(query, k=k, rerank=not no_rerank, rerank_k=rerank_k, under=under)
-    _emit_json([h.to_dict() for h in hits]) if as_json else _print_images(hits)
+    _emit_json([h.to_dict() for h in hits]) if as_json else _print_images(hits, engine, under)
 
 
 @cli.command()
@@ -185,7 +191,7 @@ def similar(ctx, image, k, under, as_json):
     """Find images similar to IMAGE (indexed or not)."""
     engine = _open(ctx, rerank=False)
     hits = engine.similar(image, k=k, under=under)
-    _emit_json([h.to_dict() for h in hits]) if as_json else _print_images(hits)
+    _emit_json([h.to_dict() for h in hits]) if as_json else _print_images(hits, engine, under)
 
 
 @cli.group()

@@ -31,6 +31,18 @@ def test_status_of_missing_index(tmp_path):
     assert info["images"] == 0 and info["exists"] is False
 
 
+def test_empty_results_say_why(tmp_path, mini_images):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run(["index", str(empty)], tmp_path / "index")
+    res = run(["search", "a dog"], tmp_path / "index")
+    assert "holds no images yet" in res.output and "xmr index FOLDER" in res.output
+    run(["index", str(mini_images)], tmp_path / "index")
+    res = run(["search", "a dog", "--under", str(tmp_path / "nowhere")], tmp_path / "index")
+    assert "no indexed images below" in res.output
+    assert json.loads(run(["search", "a dog", "--under", str(empty), "--json"], tmp_path / "index").output) == []
+
+
 def test_search_on_missing_index_says_how_to_create(tmp_path):
     res = run(["search", "a dog"], tmp_path / "none", ok=False)
     assert res.exit_code != 0 and "xmr --index" in res.output
