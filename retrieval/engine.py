@@ -25,7 +25,7 @@ from reranker.base import ImageCandidate, Reranker, fuse, rerank_order
 from .captions import read_caption_file
 from .encoders import DEFAULT_MODEL, DualEncoder, create_encoder
 from .encoders.querybank import augment_items, augment_queries
-from .errors import CaptionFileError, IndexNotFound, IndexUnusable, ModelMismatch, QueryError
+from .errors import CaptionFileError, ImageUnusable, IndexNotFound, IndexUnusable, ModelMismatch, QueryError
 
 log = logging.getLogger(__name__)
 
@@ -453,7 +453,7 @@ class Engine:
         try:
             decoded = decode_image(path, self.encoder.input_size)
         except BadImage as exc:
-            raise QueryError(f"{path}: cannot use this image ({exc})") from None
+            raise ImageUnusable(f"{path}: cannot use this image ({exc})", exc.reason, exc.detail) from None
         vecs, toks = self.encoder.encode_images_with_tokens([self.encoder.prepare(decoded.image)])
         return ImageCandidate(None, vecs[0], None if toks is None else toks[0], load=lambda: decoded.image)
 

@@ -34,5 +34,15 @@ class QueryError(XmrError):
     pass
 
 
+class ImageUnusable(QueryError):
+    """A query image that cannot be decoded; ``reason`` and ``detail`` as in
+    ``indexer.decode.BadImage`` (without the file's path)."""
+
+    def __init__(self, message: str, reason: str, detail: str = ""):
+        super().__init__(message)
+        self.reason = reason
+        self.detail = detail
+
+
 class CheckpointError(XmrError):
     pass

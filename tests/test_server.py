@@ -61,6 +61,25 @@ def test_caption_upload(client, tmp_path):
     assert r.status_code == 200 and r.json()[0]["caption"] == "a green thing"
 
 
+def test_large_jpeg_upload_is_decoded_at_reduced_size(client, monkeypatch):
+    """An upload over the decoded-pixel limit is captioned when it is a JPEG
+    (decoded once, at the model's size); a PNG that size is refused with 422."""
+    from PIL import Image
+
+    from indexer import decode
+
+    monkeypatch.setattr(decode, "MAX_PIXELS", 250_000)
+    big = Image.new("RGB", (2000, 1600), COLORS["green"])
+    jpg, png = io.BytesIO(), io.BytesIO()
+    big.save(jpg, "JPEG", quality=80)
+    big.save(png, "PNG")
+    r = client.post("/api/caption", files={"file": ("big.jpg", jpg.getvalue(), "image/jpeg")})
+    assert r.status_code == 200 and r.json()[0]["caption"] == "a green thing"
+    r = client.post("/api/caption", files={"file": ("big.png", png.getvalue(), "image/png")})
+    assert r.status_code == 422 and "decompression bomb" in r.json()["error"]
+    assert ".upload" not in r.json()["error"]  # the server's temporary path is not shown
+
+
 def test_bad_uploads_are_refused_with_json(client):
     r = client.post("/api/caption", files={"file": ("x.jpg", b"not an image at all", "image/jpeg")})
     assert r.status_code == 415 and "error" in r.json()

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from indexer.decode import BadImage, decode_image
 
 from ..engine import CaptionHit, ImageHit
-from ..errors import XmrError
+from ..errors import ImageUnusable, XmrError
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +85,11 @@ def create_app(engine, title: str = "xmr") -> FastAPI:
             tmp.write(data)
             tmp.flush()
             try:
-                decode_image(tmp.name)
-            except BadImage as exc:
-                raise HTTPException(415 if exc.reason == "not an image" else 422, f"unusable image: {exc}") from None
-            with lock:
-                hits = engine.caption(tmp.name, k=k, rerank=rerank)
+                with lock:
+                    hits = engine.caption(tmp.name, k=k, rerank=rerank)
+            except ImageUnusable as exc:  # decoded once, by the engine (large JPEGs at reduced size)
+                raise HTTPException(415 if exc.reason == "not an image" else 422,
+                                    f"unusable image: {exc.reason}: {exc.detail}") from None
         return [h.to_dict() for h in hits]
 
     @app.get("/api/captions/{image_id}", response_model=list[CaptionHit])
