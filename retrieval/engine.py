@@ -33,6 +33,9 @@ DB_NAME = "xmr.db"
 MAX_K = 1000
 MAX_QUERY_CHARS = 1000
 DEFAULT_RERANK_K = 20
+# Rerankers that score pixels (Hugging Face BLIP: 384 px) get images decoded
+# at no less than this short side: JPEGs of any size then decode in draft mode.
+PIXEL_RERANK_SIZE = 1024
 # A FAISS file is rewritten once this many changes (or 1% of its vectors) are
 # journaled past it; fewer are replayed by whoever loads it.
 SAVE_AFTER_CHANGES = 1000
@@ -416,7 +419,7 @@ class Engine:
         """Reranker inputs for ``ids``, whose rows are already loaded."""
         toks = self._tokens(ids)
         return [ImageCandidate(i, np.frombuffer(rows[i].embedding, np.float32), toks.get(i),
-                               load=(lambda p=rows[i].path: decode_image(p).image)) for i in ids]
+                               load=(lambda p=rows[i].path: decode_image(p, PIXEL_RERANK_SIZE).image)) for i in ids]
 
     def search(self, query: str, k: int = 10, rerank: bool = True, rerank_k: int = DEFAULT_RERANK_K,
                under: str | None = None) -> list[ImageHit]:
@@ -449,7 +452,7 @@ class Engine:
         if row is not None:
             toks = self._tokens([row.id]).get(row.id)
             return ImageCandidate(row.id, np.frombuffer(row.embedding, np.float32), toks,
-                                  load=lambda: decode_image(path).image)
+                                  load=lambda: decode_image(path, PIXEL_RERANK_SIZE).image)
         try:
             decoded = decode_image(path, self.encoder.input_size)
         except BadImage as exc:
