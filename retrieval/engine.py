@@ -544,7 +544,16 @@ class Engine:
             "querybank": ({"beta": self.querybank.beta, "alpha": self.querybank.alpha}
                           if self.querybank is not None else None),
             "schema_version": int(meta.get("schema_version", 0)),
+            "token_store": self._token_store_status(),
         }
+
+    def _token_store_status(self) -> dict | None:
+        if self.tokens is None:
+            return None
+        self._follow_token_file()
+        size = self.tokens.path.stat().st_size if self.tokens.path.exists() else 0
+        return {"file": self.tokens.path.name, "mb": round(size / 2**20, 1),
+                "live_slots": self.store.count_token_slots(), "slots": size // self.tokens.slot_bytes}
 
 
 def _open_store(db: Path) -> Store:

@@ -247,6 +247,8 @@ def test_token_store_is_compacted_and_readers_follow(tmp_path, photos, monkeypat
     eng.remove([files[3]])  # 3 + 1 dead slots against n - 1 live: compacted
     assert not (idx / "tokens.f16").exists() and (idx / "tokens-1.f16").exists()
     assert eng.tokens.n_slots == n - 1
+    assert eng.status()["token_store"] | {"mb": 0} == {"file": "tokens-1.f16", "mb": 0, "live_slots": n - 1,
+                                                        "slots": n - 1}
     enc = _TokenEncoder()
     for e in (eng, reader, open_engine(tmp_path, _TokenEncoder())):
         rows = {r[1]: r[0] for r in e.store.iter_rows_under([str(photos)])}
