@@ -367,7 +367,7 @@ class Engine:
             try:
                 arrays = self.tokens.get(list(slots.values()))
                 return dict(zip(slots.keys(), arrays))
-            except FileNotFoundError:  # compacted again between the read and the open
+            except (FileNotFoundError, KeyError):  # compacted again between the read and the open
                 if retries == 0:
                     raise
                 retries -= 1

@@ -266,6 +266,19 @@ def test_token_store_is_compacted_and_readers_follow(tmp_path, photos, monkeypat
     late_id = next(iter(eng.store.iter_rows_under([str(tmp_path / "late")])))[0]
     late = decode_image(tmp_path / "late" / "late.jpg", enc.input_size).image
     np.testing.assert_array_equal(eng._tokens([late_id])[late_id], enc.encode_images_with_tokens([enc.prepare(late)])[1][0])
+    # a search that read a file's name just before another compaction deleted that file retries
+    real = eng.store.token_slots
+    calls = []
+
+    def stale_then_real(ids):
+        calls.append(1)
+        slots, name = real(ids)
+        return (slots, "tokens-0.f16") if len(calls) == 1 else (slots, name)
+
+    eng.store.token_slots = stale_then_real
+    np.testing.assert_array_equal(eng._tokens([late_id])[late_id], enc.encode_images_with_tokens([enc.prepare(late)])[1][0])
+    assert len(calls) == 2
+    eng.store.token_slots = real
     # below the threshold nothing is rewritten
     eng.remove([files[4]])
     assert (idx / "tokens-1.f16").exists() and eng.tokens.n_slots == n
