@@ -72,8 +72,13 @@ class IndexLock:
     def _acquire(self, wait: bool, on_wait) -> bool:
         if fcntl is None:
             return True
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            if not wait:  # a folder this process cannot write to: nothing to refresh there either
+                return False
+            raise
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
