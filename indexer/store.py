@@ -33,7 +33,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from .walk import outermost
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 TOKEN_FILE_KEY = "tokens_file"  # meta: the token store's current file (absent: tokens.f16)
 
 
@@ -102,9 +102,15 @@ def _migrate_1_to_2(conn) -> None:
     conn.execute(text("ALTER TABLE captions ADD COLUMN bias FLOAT"))
 
 
+def _migrate_2_to_3(conn) -> None:
+    """Schema 3: the token file may be renamed by compaction (meta ``tokens_file``).
+    Nothing to change in the tables; the version keeps an older xmr, which
+    would look for tokens.f16 only, from opening such an index."""
+
+
 # Ordered migrations: MIGRATIONS[v](connection) upgrades a store at schema
 # version v to v + 1.
-MIGRATIONS: dict[int, Callable] = {1: _migrate_1_to_2}
+MIGRATIONS: dict[int, Callable] = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
 
 
 def _to_blob(vec: np.ndarray, dtype) -> bytes:

@@ -16,7 +16,7 @@ import numpy as np
 from indexer.decode import BadImage, decode_image
 from indexer.lock import IndexLock
 from indexer.pipeline import Indexer, IndexSummary
-from indexer.store import TOKEN_FILE_KEY, Store
+from indexer.store import TOKEN_FILE_KEY, Store, StoreError
 from indexer.tokens import DEFAULT_FILE as TOKENS_DEFAULT_FILE
 from indexer.tokens import TokenStore
 from indexer.vectors import EXACT_LIMIT, VectorIndex, build_index, spec_still_fits
@@ -561,6 +561,8 @@ def _open_store(db: Path) -> Store:
 
     try:
         return Store(db)
+    except StoreError as exc:  # a newer schema, or one without a migration
+        raise IndexUnusable(str(exc)) from None
     except DatabaseError as exc:
         detail = str(exc.orig) if getattr(exc, "orig", None) is not None else str(exc).splitlines()[0]
         if "not a database" in detail or "malformed" in detail:

@@ -182,6 +182,13 @@ def test_unusable_index_folders_give_one_line_errors(tmp_path):
     res = run(["status"], bad, ok=False)
     assert res.exit_code == 1 and "damaged or not an xmr index" in res.output
     assert (bad / "xmr.db").read_text() == "garbage, not SQLite"  # left as it was
+    from indexer.store import SCHEMA_VERSION, Store
+
+    newer = tmp_path / "newer"
+    newer.mkdir()
+    Store(newer / "xmr.db", schema_version=SCHEMA_VERSION + 1, migrations={}).close()
+    res = run(["status"], newer, ok=False)
+    assert res.exit_code == 1 and "written by a newer xmr" in res.output and "Traceback" not in res.output
 
 
 def test_a_database_damaged_after_opening_gives_one_line_error(tmp_path, mini_images):

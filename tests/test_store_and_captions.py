@@ -8,7 +8,7 @@ from retrieval.errors import CaptionFileError
 
 def test_migrations_run_in_order(tmp_path):
     db = tmp_path / "x.db"
-    Store(db).close()
+    Store(db, schema_version=2).close()
     calls = []
 
     def m2(conn):
@@ -22,6 +22,14 @@ def test_migrations_run_in_order(tmp_path):
     assert Store(db, schema_version=4, migrations={}).get_meta()["schema_version"] == "4"
     with pytest.raises(StoreError, match="newer"):
         Store(db, schema_version=2)
+
+
+def test_schema_2_index_opens_as_3(tmp_path):
+    from indexer.store import SCHEMA_VERSION
+
+    db = tmp_path / "x.db"
+    Store(db, schema_version=2).close()
+    assert SCHEMA_VERSION == 3 and Store(db).get_meta()["schema_version"] == "3"
 
 
 V1_SCHEMA = """
@@ -47,7 +55,7 @@ def test_a_schema_1_index_is_migrated_without_losing_rows(tmp_path):
     con.commit()
     con.close()
     st = Store(db)
-    assert st.get_meta()["schema_version"] == "2"
+    assert st.get_meta()["schema_version"] == "3"
     ids, vecs, bias = next(st.iter_vectors("images", 4))
     assert ids.tolist() == [7] and np.array_equal(vecs[0], vec) and np.isnan(bias[0])
     assert next(st.iter_vectors("captions", 4))[0].tolist() == [1]
