@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from .errors import XmrError
+from .errors import XmrError, database_error_detail
 
 log = logging.getLogger("xmr")
 
@@ -43,10 +43,9 @@ class _Group(click.Group):
         except XmrError as exc:
             raise click.ClickException(str(exc)) from None
         except DatabaseError as exc:  # damaged after it opened: say so in one line
-            detail = str(exc.orig) if getattr(exc, "orig", None) is not None else type(exc).__name__
             raise click.ClickException(
-                f"the index database failed ({detail}); if it is damaged, move the index folder aside and "
-                "index again (your images are untouched)") from None
+                f"the index database failed ({database_error_detail(exc)}); if it is damaged, move the index "
+                "folder aside and index again (your images are untouched)") from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,7 +26,8 @@ from reranker.base import ImageCandidate, Reranker, fuse, rerank_order
 from .captions import read_caption_file
 from .encoders import DEFAULT_MODEL, DualEncoder, create_encoder
 from .encoders.querybank import augment_items, augment_queries
-from .errors import CaptionFileError, ImageUnusable, IndexNotFound, IndexUnusable, ModelMismatch, QueryError
+from .errors import (CaptionFileError, ImageUnusable, IndexNotFound, IndexUnusable, ModelMismatch, QueryError,
+                     database_error_detail)
 
 log = logging.getLogger(__name__)
 
@@ -280,9 +282,6 @@ class Engine:
                 log.warning("%s decodes on threads: its preprocessing cannot run in worker processes", enc.name)
                 prepare, processes = enc.prepare, 0
         with self._writing():
-            self._follow_token_file()  # a run that held the lock before may have compacted it
-            if self.tokens is not None:
-                self._drop_stale_token_files()
             indexer = Indexer(self.store, prepare, enc.encode_images_with_tokens, batch_size=batch_size,
                               threads=threads, draft_size=enc.input_size, tokens=self.tokens,
                               bias=self.querybank.image_bias if self.querybank is not None else None,
@@ -299,11 +298,18 @@ class Engine:
             self._compact_tokens()
         return n
 
+    @contextmanager
     def _writing(self):
-        """Hold the index folder's writer lock (waiting for another process's run)."""
-        return self._lock.hold(on_wait=lambda who: log.warning(
-            "another xmr process%s is changing the index in %s; waiting for it to finish",
-            f" ({who})" if who else "", self.index_dir))
+        """Hold the index folder's writer lock (waiting for another process's
+        run), on the token file the database names: a run that held the lock
+        before may have compacted it, and files it replaced are deleted."""
+        with self._lock.hold(on_wait=lambda who: log.warning(
+                "another xmr process%s is changing the index in %s; waiting for it to finish",
+                f" ({who})" if who else "", self.index_dir)):
+            if self.tokens is not None:
+                self._follow_token_file()
+                self._drop_stale_token_files()
+            yield
 
     # -- captions ---------------------------------------------------------------
     def import_captions(self, path: str | os.PathLike, fmt: str = "auto",
@@ -396,7 +402,6 @@ class Engine:
         :data:`COMPACT_MIN_DEAD_SLOTS`). Call with the writer lock held."""
         if self.tokens is None:
             return
-        self._follow_token_file()
         ids, slots = self.store.live_token_slots()
         dead = self.tokens.n_slots - len(ids)
         if dead < max(COMPACT_MIN_DEAD_SLOTS, len(ids)):
@@ -551,9 +556,9 @@ class Engine:
         if self.tokens is None:
             return None
         self._follow_token_file()
-        size = self.tokens.path.stat().st_size if self.tokens.path.exists() else 0
-        return {"file": self.tokens.path.name, "mb": round(size / 2**20, 1),
-                "live_slots": self.store.count_token_slots(), "slots": size // self.tokens.slot_bytes}
+        slots = self.tokens.n_slots
+        return {"file": self.tokens.path.name, "mb": round(slots * self.tokens.slot_bytes / 2**20, 1),
+                "live_slots": self.store.count_token_slots(), "slots": slots}
 
 
 def _open_store(db: Path) -> Store:
@@ -564,7 +569,7 @@ def _open_store(db: Path) -> Store:
     except StoreError as exc:  # a newer schema, or one without a migration
         raise IndexUnusable(str(exc)) from None
     except DatabaseError as exc:
-        detail = str(exc.orig) if getattr(exc, "orig", None) is not None else str(exc).splitlines()[0]
+        detail = database_error_detail(exc)
         if "not a database" in detail or "malformed" in detail:
             hint = ("it is damaged or not an xmr index; move it aside and index again "
                     "(your images are untouched), or choose another folder with --index")

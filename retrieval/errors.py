@@ -14,6 +14,12 @@ class IndexUnusable(XmrError):
     """The index folder or its database cannot be created or read."""
 
 
+def database_error_detail(exc: Exception) -> str:
+    """SQLite's own words in an SQLAlchemy DatabaseError ("file is not a database")."""
+    orig = getattr(exc, "orig", None)
+    return str(orig) if orig is not None else str(exc).splitlines()[0]
+
+
 class ModelMismatch(XmrError):
     pass
 

@@ -15,6 +15,11 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
+def text_batch_size(device) -> int:
+    """Texts per forward pass: small on a CPU (the batch stays in cache), large on a GPU."""
+    return 64 if device.type == "cpu" else 512
+
+
 def embed_by_length(texts: list[str], batch: int, embed) -> np.ndarray:
     """``embed(list of texts) -> [n, D] array`` applied to batches of texts of
     similar length (less padding; small batches stay in a CPU's cache), rows

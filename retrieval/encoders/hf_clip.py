@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import UnknownModel
-from .base import DualEncoder, embed_by_length
+from .base import DualEncoder, embed_by_length, text_batch_size
 
 log = logging.getLogger(__name__)
 
@@ -70,4 +70,4 @@ class HFClipEncoder(DualEncoder):
             with torch.inference_mode():
                 return self._as_tensor(self.model.get_text_features(**enc)).float().cpu().numpy()
 
-        return embed_by_length(texts, 64 if self.device.type == "cpu" else 512, embed)
+        return embed_by_length(texts, text_batch_size(self.device), embed)
