@@ -4,16 +4,20 @@ fusion weight. Never looks at the test split.
 
 With ``--write-bank`` it first builds the query bank from the *train* split
 (every image with the model's configured views, the first two captions of
-each image) and saves it into the model's checkpoint folder.
+each image, and which image each caption belongs to) and saves it into the
+model's checkpoint folder. ``--write-owners`` adds only the caption owners to
+a bank saved before they were kept (the text memory needs them), after
+checking a sample of its captions against the train split.
 
-For each set of views and each bank setting: dual-encoder recall with the
+For each set of views and each bank setting (text-memory weight, beta, alpha): dual-encoder recall with the
 corrected scores; for the best few settings (and no bank) the reranker's
 logits for each image's top-K captions and each caption's top-K images, and
 the fusion weight that maximises dev rsum. Each banked row also gets a paired
 bootstrap of its dual rsum against the model's current setting (95% interval):
 on 1,000 dev images differences of a few points are inside it.
 
-    python benchmarks/select_inference.py --dataset ../shared/datasets/flickr8k [--write-bank] [--k 20] [--json]
+    python benchmarks/select_inference.py --dataset ../shared/datasets/flickr8k [--write-bank | --write-owners]
+        [--memory-weights 0,0.2,0.3] [--k 20] [--json]
 """
 
 from __future__ import annotations
@@ -44,9 +48,12 @@ def _pixels(enc, records):
 @click.option("--views", "view_names", multiple=True, type=click.Choice(sorted(VIEW_CANDIDATES)),
               help="view sets to try (default: all)")
 @click.option("--write-bank", is_flag=True, help="build the query bank from the train split and save it")
+@click.option("--write-owners", is_flag=True, help="add caption owners to the model's existing bank")
+@click.option("--memory-weights", default="0,0.2,0.3", show_default=True,
+              help="text-memory weights to try (comma-separated; 0 = no memory)")
 @click.option("--top", default=3, show_default=True, help="bank settings per view set that are reranked")
 @click.option("--json", "as_json", is_flag=True)
-def main(dataset, split, k, model, view_names, write_bank, top, as_json):
+def main(dataset, split, k, model, view_names, write_bank, write_owners, memory_weights, top, as_json):
     import numpy as np
     import torch
 
@@ -54,7 +61,7 @@ def main(dataset, split, k, model, view_names, write_bank, top, as_json):
     from retrieval.encoders import create_encoder, resolve_model
     from retrieval.encoders.querybank import QueryBank, bank_from_split
     from retrieval.metrics import bootstrap_rsum_delta, i2t_ranks, retrieval_report, t2i_ranks
-    from retrieval.training.calibrate import ALPHAS, BETAS, corrected_scores
+    from retrieval.training.calibrate import ALPHAS, BETAS, corrected_scores, memory_settings
     from retrieval.training.retune import caption_states
     from retrieval.training.rerank import choose_fusion_weight
 
@@ -73,15 +80,23 @@ def main(dataset, split, k, model, view_names, write_bank, top, as_json):
         train = split_records(records, "train")
         caps = [c for r in train for c in r.captions]
         owner = np.array([i for i, r in enumerate(train) for _ in r.captions])
-        text_vecs = enc.encode_texts(caps)
+        text_vecs = enc.tower_texts(caps)
         img_vecs = np.concatenate([enc.encode_images(_pixels(enc, train[s : s + 256]))
                                    for s in range(0, len(train), 256)])
-        bank = QueryBank(*bank_from_split(text_vecs, img_vecs, owner, captions_per_image=2))
+        texts, images, text_owner = bank_from_split(text_vecs, img_vecs, owner, captions_per_image=2)
+        bank = QueryBank(texts, images, text_owner=text_owner)
         bank.save(location)
         log(f"query bank: {len(bank.texts)} captions, {len(bank.images)} images of the train split, "
             f"views {list(enc.views)} -> {location} ({time.time() - t0:.0f}s)")
     if bank is None:
         raise click.ClickException(f"{model} has no query bank yet; run with --write-bank")
+    if write_owners:
+        bank = _with_owners(enc, bank, split_records(records, "train"))
+        bank.save(location)
+        log(f"query bank: caption owners added -> {location}")
+    weights = [float(w) for w in memory_weights.split(",")]
+    if bank.text_owner is None and any(weights):
+        raise click.ClickException("the bank has no caption owners, so no text memory: run with --write-owners")
 
     recs = split_records(records, split)
     pixels = _pixels(enc, recs)
@@ -91,7 +106,7 @@ def main(dataset, split, k, model, view_names, write_bank, top, as_json):
     txt_np = txt.numpy()
     rr = enc.reranker_model
 
-    current = (tuple(enc.views), (bank.beta, bank.alpha))
+    current = (tuple(enc.views), (bank.memory.weight if bank.memory else 0.0, bank.beta, bank.alpha))
     ranks, rows = {}, []
     for vname in view_names or VIEW_CANDIDATES:
         enc.views = VIEW_CANDIDATES[vname]
@@ -110,14 +125,17 @@ def main(dataset, split, k, model, view_names, write_bank, top, as_json):
                     cache.update(zip(todo[s : s + 512], out.tolist()))
             return np.array([cache[(int(i), int(t))] for i, t in zip(img_idx, txt_idx)])
 
-        settings = [None] + list(product(BETAS, ALPHAS))
-        scored = []
-        for st in settings:
-            s_i2t, s_t2i = corrected_scores(None if st is None else bank.with_settings(*st), img, txt_np)
-            scored.append((st, s_i2t, s_t2i, retrieval_report(s_i2t, text_image, sim_t2i=s_t2i)["rsum"]))
+        scored = [(None, sim, sim, retrieval_report(sim, text_image)["rsum"])]
+        for weight in weights:
+            with_memory = bank.with_memory(memory_settings(weight))
+            for beta, alpha in product(BETAS, ALPHAS):
+                s_i2t, s_t2i = corrected_scores(with_memory.with_settings(beta, alpha), img, txt_np)
+                scored.append(((weight, beta, alpha), s_i2t, s_t2i,
+                               retrieval_report(s_i2t, text_image, sim_t2i=s_t2i)["rsum"]))
         best = sorted(scored[1:], key=lambda x: -x[3])[:top]
         for st, s_i2t, s_t2i, dual in scored:
-            row = {"views": vname, "querybank": None if st is None else {"beta": st[0], "alpha": st[1]},
+            row = {"views": vname, "querybank": None if st is None else {"beta": st[1], "alpha": st[2]},
+                   "text_memory": None if st is None or not st[0] else memory_settings(st[0]).as_dict(),
                    "dual_rsum": round(dual, 1)}
             if st is not None:
                 ranks[(VIEW_CANDIDATES[vname], st)] = (i2t_ranks(s_i2t, text_image), t2i_ranks(s_t2i, text_image))
@@ -132,8 +150,8 @@ def main(dataset, split, k, model, view_names, write_bank, top, as_json):
                 cands = {"sim": sim, "recall": fused_sim,
                          "i2t": (ri, i2t.ravel(), logits(ri, i2t.ravel())),
                          "t2i": (t2i.ravel(), rt, logits(t2i.ravel(), rt))}
-                weight, rep = choose_fusion_weight(cands, text_image)
-                row.update({"fusion_weight": weight, f"rerank_rsum_k{k}": round(rep["rsum"], 1),
+                fusion, rep = choose_fusion_weight(cands, text_image)
+                row.update({"fusion_weight": fusion, f"rerank_rsum_k{k}": round(rep["rsum"], 1),
                             "seconds": round(time.time() - t0, 1)})
             rows.append(row)
             log(json.dumps(row))
@@ -141,7 +159,8 @@ def main(dataset, split, k, model, view_names, write_bank, top, as_json):
     for row in rows:
         bank_setting = row["querybank"]
         if ref is not None and bank_setting is not None:
-            key = (VIEW_CANDIDATES[row["views"]], (bank_setting["beta"], bank_setting["alpha"]))
+            key = (VIEW_CANDIDATES[row["views"]], (_memory_weight(row["text_memory"]), bank_setting["beta"],
+                                                    bank_setting["alpha"]))
             boot = bootstrap_rsum_delta(ref, ranks[key], text_image)
             row["dual_vs_current"] = {k: round(v, 2) for k, v in boot.items()}
     if ref is not None:
@@ -149,9 +168,38 @@ def main(dataset, split, k, model, view_names, write_bank, top, as_json):
         for row in rows:
             if "dual_vs_current" in row:
                 b = row["dual_vs_current"]
-                log(f"  {row['views']:<12} {row['querybank']}: {b['delta']:+.1f} [{b['low']:+.1f}, {b['high']:+.1f}]")
+                log(f"  {row['views']:<12} memory {_memory_weight(row['text_memory'])} {row['querybank']}: "
+                    f"{b['delta']:+.1f} [{b['low']:+.1f}, {b['high']:+.1f}]")
     if as_json:
         click.echo(json.dumps({"split": split, "model": model, "rows": rows}))
+
+
+def _memory_weight(text_memory: dict | None) -> float:
+    return float(text_memory["weight"]) if text_memory else 0.0
+
+
+def _with_owners(enc, bank, train, sample: int = 200):
+    """The bank with the owner of each caption, derived by the rule that built
+    it (the first two captions of each train image, in order); refused unless
+    a sample of its captions embeds back to the stored rows."""
+    import numpy as np
+
+    from retrieval.encoders.querybank import QueryBank, bank_from_split
+
+    caps = [c for r in train for c in r.captions]
+    owner = np.array([i for i, r in enumerate(train) for _ in r.captions])
+    index = np.arange(len(caps))
+    kept, _, text_owner = bank_from_split(index[:, None].astype(np.float32), np.zeros((len(train), 1)), owner)
+    kept = kept[:, 0].astype(np.int64)
+    if len(kept) != len(bank.texts) or len(train) != len(bank.images):
+        raise click.ClickException(f"the bank holds {len(bank.texts)} captions and {len(bank.images)} images, "
+                                   f"the train split gives {len(kept)} and {len(train)}: rebuild it with --write-bank")
+    rows = np.linspace(0, len(kept) - 1, min(sample, len(kept))).astype(np.int64)
+    cos = (enc.tower_texts([caps[i] for i in kept[rows]]) * bank.texts[rows]).sum(1)
+    if cos.min() < 0.995:
+        raise click.ClickException(f"the bank's captions do not match the train split (cosine down to "
+                                   f"{cos.min():.3f}): rebuild it with --write-bank")
+    return QueryBank(bank.texts, bank.images, bank.beta, bank.alpha, text_owner)
 
 
 if __name__ == "__main__":

@@ -548,6 +548,8 @@ class Engine:
             "reranker": self.reranker.name if self.reranker else None,
             "querybank": ({"beta": self.querybank.beta, "alpha": self.querybank.alpha}
                           if self.querybank is not None else None),
+            "text_memory": (self.querybank.memory.as_dict()
+                            if self.querybank is not None and self.querybank.memory is not None else None),
             "schema_version": int(meta.get("schema_version", 0)),
             "token_store": self._token_store_status(),
         }

@@ -161,6 +161,36 @@ def test_default_model_ships_and_loads_offline():
     assert v[0] @ v[1] > 0.999 and v[0] @ v[2] < 0.9
 
 
+def test_text_memory_moves_recall_embeddings_but_not_the_rerankers(mini_dataset):
+    """The default model's text memory changes what recall ranks by (and helps
+    on the 32 mini test photos), while the reranker keeps the tower's own
+    embedding, as it was trained."""
+    from indexer.decode import decode_image
+    from retrieval.datasets import load_dataset
+    from retrieval.encoders import create_encoder
+    from retrieval.training.calibrate import corrected_scores
+
+    def rsum(bank):
+        s_i2t, s_t2i = corrected_scores(bank, img, raw)
+        return retrieval_report(s_i2t, text_image, sim_t2i=s_t2i)["rsum"]
+
+    enc = create_encoder("xmr-lite2", device="cpu")
+    bank = enc.querybank
+    assert bank.memory is not None and bank.memory.weight > 0 and len(bank.text_owner) == len(bank.texts)
+    assert bank.text_owner.max() < len(bank.images)
+    recs = load_dataset(mini_dataset)
+    captions = [c for r in recs for c in r.captions]
+    text_image = np.array([i for i, r in enumerate(recs) for _ in r.captions])
+    raw = enc.tower_texts(captions)
+    moved = enc.encode_texts(captions)
+    cos = (raw * moved).sum(1)
+    assert cos.max() < 0.9999 and cos.min() > 0.8  # every caption moves, none far
+    np.testing.assert_allclose(enc.text_states(captions[:3])[0].numpy(), raw[:3], atol=1e-5)
+    img = enc.encode_images([enc.prepare(decode_image(r.path, enc.input_size).image) for r in recs])
+    with_memory, without = rsum(bank), rsum(bank.with_memory(None))
+    assert with_memory >= without - 3.0, (with_memory, without)  # 32 images: one caption is 0.6 points
+
+
 def test_batched_text_embeddings_keep_input_order():
     """Captions are embedded in batches sorted by length; each row must still
     be its own caption's embedding, as when embedded alone."""
@@ -214,7 +244,9 @@ def test_training_smoke(tmp_path, flickr8k):
     assert meta["model"]["image_tower"] == "efficientnet-lite0" and "reranker" in meta
     report = json.loads((out / "report.json").read_text())
     assert report["job"]["limit"] == 8 and "dual_dev" in report and "full" in report["rerank"]
-    assert report["querybank_dev"][0]["querybank"] is None and len(report["querybank_dev"]) == 10
+    rows = report["querybank_dev"]
+    assert rows[0]["querybank"] is None and len(rows) == 1 + 3 * 9  # no bank; 3 memory weights x 9 (beta, alpha)
+    assert {r["text_memory"]["weight"] if r["text_memory"] else 0.0 for r in rows[1:]} == {0.0, 0.2, 0.3}
     # the checkpoint is usable as an engine model
     from retrieval.encoders import create_encoder
 

@@ -76,10 +76,11 @@ def rerank_candidates(reranker, f: Features, k: int, bank=None) -> dict:
     reranker.eval()
     sim = f.sim().float()
     s_i2t, s_t2i = sim, sim
-    if bank is not None:
-        tb = torch.from_numpy(bank.text_bias(f.txt_emb.float().cpu().numpy())).to(sim.device)
-        ib = torch.from_numpy(bank.image_bias(f.img_emb.float().cpu().numpy())).to(sim.device)
-        s_i2t, s_t2i = sim - tb[None, :], sim - ib[:, None]
+    if bank is not None:  # the engine's recall scores: text memory, then bias
+        from .calibrate import corrected_scores
+
+        s_i2t, s_t2i = (torch.from_numpy(s).to(sim.device) for s in corrected_scores(
+            bank, f.img_emb.float().cpu().numpy(), f.txt_emb.float().cpu().numpy()))
     return candidate_logits(sim, s_i2t, s_t2i, k, lambda i, t: score_pairs(reranker, f, i, t))
 
 

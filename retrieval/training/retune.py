@@ -61,11 +61,12 @@ class EngineFeatures:
     text_image: torch.Tensor  # [T] image of each caption
     image_bias: torch.Tensor  # [N] query-bank biases (zeros without a bank)
     text_bias: torch.Tensor  # [T]
+    recall_txt: torch.Tensor  # [T] the captions as recall scores them (after the text memory)
 
     def scores(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(cosine, image->text, text->image) scores ``[N, T]``; the last two as the engine ranks."""
-        sim = self.img @ self.txt.T
-        return sim, sim - self.text_bias[None, :], sim - self.image_bias[:, None]
+        recall = self.img @ self.recall_txt.T
+        return self.img @ self.txt.T, recall - self.text_bias[None, :], recall - self.image_bias[:, None]
 
 
 def engine_features(enc, images: list, captions: list[list[str]], batch: int = 64, progress=None) -> EngineFeatures:
@@ -81,9 +82,11 @@ def engine_features(enc, images: list, captions: list[list[str]], batch: int = 6
     txt, words, masks = caption_states(enc, [c for caps in captions for c in caps])
     img = torch.from_numpy(np.concatenate(embs)).float()
     bank = enc.querybank
+    recall_txt = torch.from_numpy(bank.expand(txt.numpy())).float() if bank else txt
     ib = torch.from_numpy(bank.image_bias(img.numpy())).float() if bank else torch.zeros(len(img))
-    tb = torch.from_numpy(bank.text_bias(txt.numpy())).float() if bank else torch.zeros(len(txt))
-    return EngineFeatures(img, torch.from_numpy(np.concatenate(toks)), txt, words.half(), masks, owner, ib, tb)
+    tb = torch.from_numpy(bank.text_bias(recall_txt.numpy())).float() if bank else torch.zeros(len(txt))
+    return EngineFeatures(img, torch.from_numpy(np.concatenate(toks)), txt, words.half(), masks, owner, ib, tb,
+                          recall_txt)
 
 
 def caption_states(enc, texts: list[str], batch: int = 256):

@@ -194,6 +194,7 @@ def run_training(job: TrainJob, progress_factory=None) -> dict:
 def _fit_querybank(model, splits, feats, device, out: Path, report: dict):
     """Build the query bank from the train split, choose beta and alpha on dev,
     save both with the checkpoint; returns the bank (None when it does not help)."""
+    from ..encoders.memory import MemorySettings
     from ..encoders.querybank import QueryBank, bank_from_split
     from .calibrate import corrected_scores, score_settings
     from .dual import encode_split
@@ -202,27 +203,29 @@ def _fit_querybank(model, splits, feats, device, out: Path, report: dict):
         img, txt = feats["train"].img_emb, feats["train"].txt_emb
     else:
         img, txt = encode_split(model, splits["train"], device)
-    texts, images = bank_from_split(txt.float().cpu().numpy(), img.float().cpu().numpy(),
-                                    splits["train"].text_image.cpu().numpy())
+    texts, images, owner = bank_from_split(txt.float().cpu().numpy(), img.float().cpu().numpy(),
+                                           splits["train"].text_image.cpu().numpy())
     dev = feats["dev"]
-    rows = score_settings(QueryBank(texts, images), dev.img_emb.float().cpu().numpy(),
+    rows = score_settings(QueryBank(texts, images, text_owner=owner), dev.img_emb.float().cpu().numpy(),
                           dev.txt_emb.float().cpu().numpy(), splits["dev"].text_image.cpu().numpy())
     best, none = rows[1], rows[0]
-    report["querybank_dev"] = [{"querybank": r["querybank"], "rsum": r["report"]["rsum"]} for r in rows]
+    report["querybank_dev"] = [{"querybank": r["querybank"], "text_memory": r["text_memory"],
+                                "rsum": r["report"]["rsum"]} for r in rows]
     if best["report"]["rsum"] <= none["report"]["rsum"]:
         log.info("query bank: no gain on dev; not used")
         return None
-    bank = QueryBank(texts, images, **best["querybank"])
+    memory = MemorySettings(**best["text_memory"]) if best["text_memory"] else None
+    bank = QueryBank(texts, images, **best["querybank"], text_owner=owner, memory=memory)
     bank.save(out)
-    meta = {"querybank": best["querybank"], "dual_dev_querybank": best["report"]}
+    meta = {"querybank": best["querybank"], "text_memory": best["text_memory"], "dual_dev_querybank": best["report"]}
     if "test" in feats:
         s_i2t, s_t2i = corrected_scores(bank, feats["test"].img_emb.float().cpu().numpy(),
                                         feats["test"].txt_emb.float().cpu().numpy())
         meta["dual_test_querybank"] = retrieval_report(s_i2t, splits["test"].text_image.cpu().numpy(), sim_t2i=s_t2i)
     checkpoint.save_checkpoint(out, meta)
     report.update(meta)
-    log.info("query bank: beta %s alpha %s, dev rsum %.1f -> %.1f", best["querybank"]["beta"],
-             best["querybank"]["alpha"], none["report"]["rsum"], best["report"]["rsum"])
+    log.info("query bank: beta %s alpha %s, text memory %s, dev rsum %.1f -> %.1f", best["querybank"]["beta"],
+             best["querybank"]["alpha"], best["text_memory"], none["report"]["rsum"], best["report"]["rsum"])
     return bank
 
 

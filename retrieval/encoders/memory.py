@@ -1,0 +1,81 @@
+"""Text memory: moving a caption's embedding towards the images that captions
+like it describe.
+
+The query bank (``querybank.py``) holds embeddings of training captions and of
+the training images they belong to. A text is compared with the bank's
+captions in the joint space; the images of its nearest captions, weighted by
+a softmax over those similarities, form an image-side estimate of what the
+text points at, and the text's embedding becomes
+
+    normalise(t + weight * normalise(sum_k softmax(temperature * <t, c_k>) * image(c_k)))
+
+The dual encoder maps a caption somewhere near its images; the memory adds
+where *training* captions worded like it actually landed, which the dual
+encoder's text tower, fine-tuned on 30,000 captions, does not always reach.
+It is the kNN-memory idea of retrieval-augmented models applied to the query
+side only: image vectors, and so every index's images, are unchanged.
+
+Measured on Flickr8k (benchmarks/RESULTS.md, section 1a): +9 dev / +7.5 test
+rsum for the default model's dual encoder, weight 0.3, temperature 20,
+k = 10, chosen on dev.
+
+Pure computation only; the settings live in the model's config.json
+(``text_memory``) and the arrays in its query bank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    weight: float  # how far a text moves towards its memory images (0: not at all)
+    temperature: float = 20.0  # softmax sharpness over the k nearest bank captions
+    k: int = 10  # bank captions that vote
+
+    def __post_init__(self):
+        if self.weight < 0 or self.temperature <= 0 or self.k < 1:
+            raise ValueError(f"text_memory needs weight >= 0, temperature > 0 and k >= 1 (got {asdict(self)})")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def expand_texts(texts: np.ndarray, keys: np.ndarray, images: np.ndarray, owner: np.ndarray,
+                 settings: MemorySettings, exclude: np.ndarray | None = None, chunk: int = 1024) -> np.ndarray:
+    """Texts moved towards their memory images (rows stay normalised).
+
+    ``keys`` [B, D]: bank caption embeddings; ``owner`` [B]: the row of
+    ``images`` [N, D] each bank caption belongs to. ``exclude`` [T], optional:
+    an image row per text whose captions may not vote (a bank caption expanded
+    by its own image would carry its answer). Chunked: memory stays at
+    ``chunk x B`` floats whatever the number of texts.
+    """
+    texts = np.atleast_2d(np.asarray(texts, np.float32))
+    if settings.weight == 0 or len(texts) == 0:
+        return texts.copy()
+    import torch  # its matmul: numpy's BLAS threads fight torch's just-used pool (4 ms vs 1 ms a query, 2 cores)
+
+    keys_t = torch.from_numpy(np.ascontiguousarray(keys, np.float32)).T
+    owner = np.asarray(owner)
+    k = min(settings.k, len(owner))
+    out = np.empty_like(texts)
+    for s in range(0, len(texts), chunk):
+        part = texts[s : s + chunk]
+        sims = (torch.from_numpy(np.ascontiguousarray(part)) @ keys_t).numpy()
+        if exclude is not None:
+            sims[np.asarray(exclude[s : s + chunk])[:, None] == owner[None, :]] = -1e4  # finite: no NaN if all go
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        logits = settings.temperature * np.take_along_axis(sims, top, axis=1)
+        w = np.exp(logits - logits.max(axis=1, keepdims=True))
+        w /= w.sum(axis=1, keepdims=True)
+        target = _normalize(np.einsum("nk,nkd->nd", w, images[owner[top]]))
+        out[s : s + chunk] = _normalize(part + settings.weight * target)
+    return out
