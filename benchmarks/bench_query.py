@@ -59,7 +59,9 @@ def main(n, device, rerank_k, n_queries, no_querybank, bias_std, as_json):
     # from the same distribution, with the shipped model's beta and alpha,
     # rescaled to the spread measured on real images (--bias-std; these
     # synthetic clusters alone would give 0.10, three times the real spread).
-    bank = enc.querybank.with_settings() if banked else None
+    # (a copy without the text memory: the synthetic bank has no caption owners;
+    # queries still go through the real model's memory)
+    bank = enc.querybank.with_memory(None) if banked else None
     if banked:
         bank.texts = sample(np.random.default_rng(2), 2048)
         probe = bank.image_bias(sample(np.random.default_rng(4), 20_000))

@@ -184,13 +184,12 @@ def _with_owners(enc, bank, train, sample: int = 200):
     a sample of its captions embeds back to the stored rows."""
     import numpy as np
 
-    from retrieval.encoders.querybank import QueryBank, bank_from_split
+    from retrieval.encoders.querybank import QueryBank, bank_rows
 
     caps = [c for r in train for c in r.captions]
     owner = np.array([i for i, r in enumerate(train) for _ in r.captions])
-    index = np.arange(len(caps))
-    kept, _, text_owner = bank_from_split(index[:, None].astype(np.float32), np.zeros((len(train), 1)), owner)
-    kept = kept[:, 0].astype(np.int64)
+    kept = bank_rows(owner)
+    text_owner = owner[kept]
     if len(kept) != len(bank.texts) or len(train) != len(bank.images):
         raise click.ClickException(f"the bank holds {len(bank.texts)} captions and {len(bank.images)} images, "
                                    f"the train split gives {len(kept)} and {len(train)}: rebuild it with --write-bank")

@@ -44,10 +44,6 @@ class MemorySettings:
         return asdict(self)
 
 
-def _normalize(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def expand_texts(texts: np.ndarray, keys: np.ndarray, images: np.ndarray, owner: np.ndarray,
                  settings: MemorySettings, exclude: np.ndarray | None = None, chunk: int = 1024) -> np.ndarray:
     """Texts moved towards their memory images (rows stay normalised).
@@ -61,21 +57,26 @@ def expand_texts(texts: np.ndarray, keys: np.ndarray, images: np.ndarray, owner:
     texts = np.atleast_2d(np.asarray(texts, np.float32))
     if settings.weight == 0 or len(texts) == 0:
         return texts.copy()
-    import torch  # its matmul: numpy's BLAS threads fight torch's just-used pool (4 ms vs 1 ms a query, 2 cores)
+    # torch, not numpy: after a torch forward pass numpy's BLAS threads fight
+    # torch's pool (4 ms vs 1 ms a query on 2 cores), and topk is ~14x faster
+    # than argpartition (12,000 bank captions expanded: 1.3 s -> 0.3 s)
+    import torch
+    import torch.nn.functional as F
 
     keys_t = torch.from_numpy(np.ascontiguousarray(keys, np.float32)).T
-    owner = np.asarray(owner)
-    k = min(settings.k, len(owner))
+    vals = torch.from_numpy(np.ascontiguousarray(images, np.float32))
+    owner_t = torch.from_numpy(np.asarray(owner, np.int64))
+    k = min(settings.k, len(owner_t))
     out = np.empty_like(texts)
-    for s in range(0, len(texts), chunk):
-        part = texts[s : s + chunk]
-        sims = (torch.from_numpy(np.ascontiguousarray(part)) @ keys_t).numpy()
-        if exclude is not None:
-            sims[np.asarray(exclude[s : s + chunk])[:, None] == owner[None, :]] = -1e4  # finite: no NaN if all go
-        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-        logits = settings.temperature * np.take_along_axis(sims, top, axis=1)
-        w = np.exp(logits - logits.max(axis=1, keepdims=True))
-        w /= w.sum(axis=1, keepdims=True)
-        target = _normalize(np.einsum("nk,nkd->nd", w, images[owner[top]]))
-        out[s : s + chunk] = _normalize(part + settings.weight * target)
+    with torch.inference_mode():
+        for s in range(0, len(texts), chunk):
+            part = torch.from_numpy(np.ascontiguousarray(texts[s : s + chunk]))
+            sims = part @ keys_t
+            if exclude is not None:
+                own = torch.from_numpy(np.asarray(exclude[s : s + chunk], np.int64))
+                sims.masked_fill_(own[:, None] == owner_t[None, :], -1e4)  # finite: no NaN if all go
+            top, idx = torch.topk(sims, k, dim=1)
+            w = torch.softmax(settings.temperature * top, dim=1)
+            target = F.normalize(torch.einsum("nk,nkd->nd", w, vals[owner_t[idx]]), dim=1)
+            out[s : s + chunk] = F.normalize(part + settings.weight * target, dim=1).numpy()
     return out

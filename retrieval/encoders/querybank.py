@@ -61,8 +61,9 @@ class QueryBank:
 
     def __post_init__(self):
         if self.memory is not None and self.text_owner is None:
-            raise ValueError("a text memory needs the bank's caption owners (text_owner); rebuild the bank "
-                             "with: python benchmarks/select_inference.py --dataset DATA --write-bank")
+            raise ValueError("a text memory needs the bank's caption owners (text_owner); add them with "
+                             "python benchmarks/select_inference.py --dataset DATA --write-owners, or rebuild "
+                             "the bank with --write-bank")
 
     def expand(self, text_vectors: np.ndarray, exclude: np.ndarray | None = None) -> np.ndarray:
         """Text embeddings as the model scores them: moved by the text memory
@@ -134,24 +135,28 @@ class QueryBank:
                    owner, memory)
 
 
-def bank_from_split(text_vectors: np.ndarray, image_vectors: np.ndarray, text_image: np.ndarray,
-                    captions_per_image: int | None = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The bank of a training split: every image, and the first
-    ``captions_per_image`` captions of each (None keeps them all), with the
-    image row of each kept caption."""
+def bank_rows(text_image: np.ndarray, captions_per_image: int | None = 2) -> np.ndarray:
+    """Indices of the captions a bank keeps: the first ``captions_per_image``
+    of each image, in order (None keeps them all)."""
     text_image = np.asarray(text_image)
     if captions_per_image is None:
-        keep = np.arange(len(text_image))
-    else:
-        seen: dict[int, int] = {}
-        keep = []
-        for t, img in enumerate(text_image.tolist()):
-            if seen.get(img, 0) < captions_per_image:
-                keep.append(t)
-                seen[img] = seen.get(img, 0) + 1
-        keep = np.array(keep, dtype=np.int64)
+        return np.arange(len(text_image))
+    seen: dict[int, int] = {}
+    keep = []
+    for t, img in enumerate(text_image.tolist()):
+        if seen.get(img, 0) < captions_per_image:
+            keep.append(t)
+            seen[img] = seen.get(img, 0) + 1
+    return np.array(keep, dtype=np.int64)
+
+
+def bank_from_split(text_vectors: np.ndarray, image_vectors: np.ndarray, text_image: np.ndarray,
+                    captions_per_image: int | None = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The bank of a training split: every image, and the captions
+    :func:`bank_rows` keeps, with the image row of each."""
+    keep = bank_rows(text_image, captions_per_image)
     return (np.asarray(text_vectors, np.float32)[keep], np.asarray(image_vectors, np.float32),
-            text_image[keep].astype(np.int64))
+            np.asarray(text_image)[keep].astype(np.int64))
 
 
 # -- the FAISS side: the corrected score as an inner product ----------------------
