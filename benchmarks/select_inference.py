@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from itertools import product
 
 import click
 
@@ -61,7 +60,7 @@ def main(dataset, split, k, model, view_names, write_bank, write_owners, memory_
     from retrieval.encoders import create_encoder, resolve_model
     from retrieval.encoders.querybank import QueryBank, bank_from_split
     from retrieval.metrics import bootstrap_rsum_delta, i2t_ranks, retrieval_report, t2i_ranks
-    from retrieval.training.calibrate import ALPHAS, BETAS, corrected_scores, memory_settings
+    from retrieval.training.calibrate import bank_grid, corrected_scores, setting_fields
     from retrieval.training.retune import caption_states
     from retrieval.training.rerank import choose_fusion_weight
 
@@ -126,17 +125,13 @@ def main(dataset, split, k, model, view_names, write_bank, write_owners, memory_
             return np.array([cache[(int(i), int(t))] for i, t in zip(img_idx, txt_idx)])
 
         scored = [(None, sim, sim, retrieval_report(sim, text_image)["rsum"])]
-        for weight in weights:
-            with_memory = bank.with_memory(memory_settings(weight))
-            for beta, alpha in product(BETAS, ALPHAS):
-                s_i2t, s_t2i = corrected_scores(with_memory.with_settings(beta, alpha), img, txt_np)
-                scored.append(((weight, beta, alpha), s_i2t, s_t2i,
-                               retrieval_report(s_i2t, text_image, sim_t2i=s_t2i)["rsum"]))
+        for st, banked in bank_grid(bank, weights):
+            s_i2t, s_t2i = corrected_scores(banked, img, txt_np)
+            scored.append((st, s_i2t, s_t2i, retrieval_report(s_i2t, text_image, sim_t2i=s_t2i)["rsum"]))
         best = sorted(scored[1:], key=lambda x: -x[3])[:top]
         for st, s_i2t, s_t2i, dual in scored:
-            row = {"views": vname, "querybank": None if st is None else {"beta": st[1], "alpha": st[2]},
-                   "text_memory": None if st is None or not st[0] else memory_settings(st[0]).as_dict(),
-                   "dual_rsum": round(dual, 1)}
+            fields = {"querybank": None, "text_memory": None} if st is None else setting_fields(*st)
+            row = {"views": vname, **fields, "dual_rsum": round(dual, 1)}
             if st is not None:
                 ranks[(VIEW_CANDIDATES[vname], st)] = (i2t_ranks(s_i2t, text_image), t2i_ranks(s_t2i, text_image))
             if st is None or any(st == b[0] for b in best):

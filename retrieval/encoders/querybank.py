@@ -73,7 +73,7 @@ class QueryBank:
         return expand_texts(text_vectors, self.texts, self.images, self.text_owner, self.memory, exclude)
 
     # The bank's captions as queries: expanded like any text, each without its
-    # own image (about a second for 12,000 on two cores; only biases need it,
+    # own image (0.8 s for 12,000 on two cores; only biases need it,
     # so a search that only ranks stored items never computes it).
     @cached_property
     def _queries(self) -> np.ndarray:
@@ -100,8 +100,9 @@ class QueryBank:
     def with_settings(self, beta: float | None = None, alpha: float | None = None) -> "QueryBank":
         out = QueryBank(self.texts, self.images, self.beta if beta is None else beta,
                         self.alpha if alpha is None else alpha, self.text_owner, self.memory)
-        if "_queries" in self.__dict__:  # same memory: the expanded bank carries over
-            out.__dict__["_queries"] = self._queries
+        # beta and alpha leave the expanded bank captions as they are: every
+        # copy shares this bank's one expansion instead of computing its own
+        out.__dict__["_queries"] = self._queries
         return out
 
     def with_memory(self, memory: MemorySettings | None) -> "QueryBank":

@@ -25,6 +25,22 @@ def memory_settings(weight: float) -> MemorySettings | None:
     return MemorySettings(weight) if weight > 0 else None
 
 
+def bank_grid(bank: QueryBank, memory_weights=MEMORY_WEIGHTS):
+    """``((memory weight, beta, alpha), bank with those settings)`` for every
+    point of the grid; a bank without caption owners gets no memory. The
+    settings of one weight share one expansion of the bank's captions."""
+    for weight in (memory_weights if bank.text_owner is not None else (0.0,)):
+        with_memory = bank.with_memory(memory_settings(weight))
+        for beta, alpha in product(BETAS, ALPHAS):
+            yield (weight, beta, alpha), with_memory.with_settings(beta, alpha)
+
+
+def setting_fields(weight: float, beta: float, alpha: float) -> dict:
+    """A grid point as report rows spell it (as config.json does)."""
+    memory = memory_settings(weight)
+    return {"querybank": {"beta": beta, "alpha": alpha}, "text_memory": memory.as_dict() if memory else None}
+
+
 def corrected_scores(bank: QueryBank | None, img: np.ndarray, txt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(image->text scores, text->image scores) as ``[N_img, N_txt]`` matrices:
     the cosine minus the bias of the item being ranked. ``txt`` are the text
@@ -40,16 +56,10 @@ def corrected_scores(bank: QueryBank | None, img: np.ndarray, txt: np.ndarray) -
 def score_settings(bank: QueryBank, img: np.ndarray, txt: np.ndarray, text_image: np.ndarray,
                    memory_weights=MEMORY_WEIGHTS) -> list[dict]:
     """Dev rsum of every (memory weight, beta, alpha) of the grid, best first;
-    the first row is no bank. A bank without caption owners gets no memory."""
+    the first row is no bank."""
     sim = img @ txt.T
     rows = [{"querybank": None, "text_memory": None, "report": retrieval_report(sim, text_image)}]
-    weights = memory_weights if bank.text_owner is not None else (0.0,)
-    for weight in weights:
-        with_memory = bank.with_memory(memory_settings(weight))
-        for beta, alpha in product(BETAS, ALPHAS):
-            s_i2t, s_t2i = corrected_scores(with_memory.with_settings(beta, alpha), img, txt)
-            rows.append({"querybank": {"beta": beta, "alpha": alpha},
-                         "text_memory": None if weight == 0 else MemorySettings(weight).as_dict(),
-                         "report": retrieval_report(s_i2t, text_image, sim_t2i=s_t2i)})
+    for setting, banked in bank_grid(bank, memory_weights):
+        s_i2t, s_t2i = corrected_scores(banked, img, txt)
+        rows.append({**setting_fields(*setting), "report": retrieval_report(s_i2t, text_image, sim_t2i=s_t2i)})
     return rows[:1] + sorted(rows[1:], key=lambda r: -r["report"]["rsum"])
-
