@@ -387,6 +387,50 @@ class Store:
                 yield row_ids, vecs, bias
                 last = int(row_ids[-1])
 
+    def rewrite_items(self, dim: int, image_bias: Callable[[np.ndarray], np.ndarray] | None,
+                      caption_vectors: Callable[[list[str]], tuple[np.ndarray, np.ndarray | None]],
+                      meta: dict[str, str], batch: int = 512,
+                      progress: Callable[[int], None] | None = None) -> tuple[int, int]:
+        """Rewrite every item and then ``meta``, all in one transaction (an
+        error anywhere leaves the store as it was): each image keeps its vector
+        and gets the bias ``image_bias(vectors)`` (None: no bias); each caption
+        gets ``caption_vectors(texts) -> (vectors, biases or None)``. Returns
+        (images, captions) rewritten. Ids stay; each collection moves to a new
+        generation that its journal does not reach, so every FAISS copy of it,
+        in any process, is rebuilt rather than replayed."""
+        counts = []
+        with self.session() as s, s.begin():
+            for name, model, column in (("images", ImageRow, ImageRow.embedding),
+                                        ("captions", CaptionRow, CaptionRow.text)):
+                last, n = 0, 0
+                while True:
+                    rows = s.execute(select(model.id, column).where(model.id > last)
+                                     .order_by(model.id).limit(batch)).all()
+                    if not rows:
+                        break
+                    ids = [r[0] for r in rows]
+                    if model is ImageRow:
+                        vecs = np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(len(rows), dim)
+                        bias = image_bias(vecs) if image_bias is not None else None
+                        values = [{"id": i, "bias": None if bias is None else float(bias[k])}
+                                  for k, i in enumerate(ids)]
+                    else:
+                        vecs, bias = caption_vectors([r[1] for r in rows])
+                        values = [{"id": i, "embedding": _to_blob(vecs[k], np.float32),
+                                   "bias": None if bias is None else float(bias[k])} for k, i in enumerate(ids)]
+                    s.execute(update(model), values)
+                    n += len(rows)
+                    last = ids[-1]
+                    if progress:
+                        progress(len(rows))
+                counts.append(n)
+                gen = self.bump_generation(s, name)
+                s.execute(delete(ChangeRow).where(ChangeRow.collection == name))
+                s.merge(MetaRow(key=f"journal_floor_{name}", value=str(gen)))
+            for key, value in meta.items():
+                s.merge(MetaRow(key=key, value=str(value)))
+        return counts[0], counts[1]
+
     # -- captions -------------------------------------------------------------
     def count_captions(self) -> int:
         with self.session() as s:

@@ -73,13 +73,13 @@ def _quiet_transformers() -> None:
         hf_logging.set_verbosity_error()
 
 
-def _open(ctx, model=None, create=False, rerank=True, reranker=None):
+def _open(ctx, model=None, create=False, rerank=True, reranker=None, upgrade=False):
     from .engine import Engine
 
     _quiet_transformers()
     choice = "none" if not rerank else (reranker or "auto")
     return Engine.open(ctx.obj["index_dir"], model=model, create=create, reranker=choice,
-                       device=ctx.obj.get("device"))
+                       device=ctx.obj.get("device"), upgrade=upgrade)
 
 
 def _emit_json(obj) -> None:
@@ -254,6 +254,32 @@ def remove(ctx, paths):
     engine = _open(ctx, rerank=False)
     n = engine.remove(paths)
     click.echo(f"removed {n} images; {engine.store.count_images()} left")
+
+
+@cli.command()
+@click.pass_context
+def upgrade(ctx):
+    """Bring an index made with an earlier version of its model up to date.
+
+    Possible where only the model's text side changed (text tower, query bank,
+    text memory): captions are embedded again and image scores recomputed from
+    the stored vectors; no image file is read. One transaction: an interrupted
+    upgrade leaves the index as it was. Otherwise xmr says to rebuild."""
+    engine = _open(ctx, rerank=False, upgrade=True)
+    bar = None
+
+    def on_total(n):
+        nonlocal bar
+        bar = _progress("upgrading", n, unit="item")
+
+    result = engine.upgrade(progress=lambda n: bar.update(n) if bar else None, on_total=on_total)
+    if bar:
+        bar.close()
+    if not result["upgraded"]:
+        click.echo(f"the index in {engine.index_dir} is up to date ({engine.encoder.name} {result['to']})")
+        return
+    click.echo(f"upgraded the index in {engine.index_dir} from {result['from']} to {result['to']}: "
+               f"{result['captions']} captions embedded again, {result['images']} images re-scored")
 
 
 @cli.command()

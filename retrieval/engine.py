@@ -26,8 +26,8 @@ from reranker.base import ImageCandidate, Reranker, fuse, rerank_order
 from .captions import read_caption_file
 from .encoders import DEFAULT_MODEL, DualEncoder, create_encoder
 from .encoders.querybank import augment_items, augment_queries
-from .errors import (CaptionFileError, ImageUnusable, IndexNotFound, IndexUnusable, ModelMismatch, QueryError,
-                     database_error_detail)
+from .errors import (CaptionFileError, ImageUnusable, IndexNeedsUpgrade, IndexNotFound, IndexUnusable, ModelMismatch,
+                     QueryError, database_error_detail)
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,30 @@ def _check_query(text: str) -> str:
     return text
 
 
+def same_image_side(meta: dict, encoder: DualEncoder) -> bool:
+    """Whether an index's stored image vectors and region tokens are what
+    ``encoder`` makes: the image side the index recorded is the encoder's, or,
+    for an index from before that record, it was built with an earlier release
+    the model lists as sharing its image side."""
+    if str(meta.get("dim", encoder.dim)) != str(encoder.dim):
+        return False
+    if meta.get("image_side"):
+        return meta["image_side"] == encoder.image_side()
+    return meta.get("model_version") in encoder.earlier_versions
+
+
+def _record_image_side(store: Store, encoder: DualEncoder) -> None:
+    """Record the image side of an index made before the record existed (its
+    version is the encoder's, so its images are the encoder's): the next
+    release can then upgrade it in place. Skipped on a read-only index."""
+    from sqlalchemy.exc import DBAPIError
+
+    try:
+        store.set_meta(image_side=encoder.image_side())
+    except (DBAPIError, OSError) as exc:
+        log.debug("image side not recorded: %s", exc)
+
+
 class Engine:
     def __init__(self, index_dir: Path, store: Store, encoder: DualEncoder, reranker: Reranker | None = None,
                  exact_limit: int = EXACT_LIMIT):
@@ -99,6 +123,9 @@ class Engine:
         self.exact_limit = exact_limit
         self._indexes: dict[str, VectorIndex] = {}
         self._lock = IndexLock(self.index_dir)
+        # the model version the stored items were made with, where it is an
+        # earlier one that :meth:`upgrade` must bring up to date before use
+        self.pending_upgrade: str | None = None
         shape = getattr(encoder, "token_shape", None)
         token_file = store.get_meta().get(TOKEN_FILE_KEY, TOKENS_DEFAULT_FILE)
         self.tokens = TokenStore(self.index_dir, shape, token_file) if shape else None
@@ -106,13 +133,17 @@ class Engine:
     # -- opening ----------------------------------------------------------------
     @classmethod
     def open(cls, index_dir: str | os.PathLike, model: str | None = None, create: bool = True,
-             device: str | None = None, reranker: str | None = "auto", encoder: DualEncoder | None = None) -> "Engine":
+             device: str | None = None, reranker: str | None = "auto", encoder: DualEncoder | None = None,
+             upgrade: bool = False) -> "Engine":
         """Open (or create) the index in ``index_dir``.
 
         ``model`` names the encoder when the index is created; an existing
         index refuses another. ``reranker`` is ``"auto"`` (the model's own
         reranker, if it has one), ``None``/``"none"``, or a Hugging Face BLIP
-        name or folder.
+        name or folder. An index built with an earlier version of its model
+        that shares this version's image side is refused
+        (:class:`IndexNeedsUpgrade`) unless ``upgrade``: it then opens with
+        ``pending_upgrade`` set, and only :meth:`upgrade` may use it.
         """
         index_dir = Path(index_dir).expanduser().resolve()
         db = index_dir / DB_NAME
@@ -134,13 +165,26 @@ class Engine:
             )
         name = stored_model or model or (encoder.name if encoder else DEFAULT_MODEL)
         enc = encoder or create_encoder(name, device=device)
+        pending = None
         if stored_model and meta.get("model_version") and meta["model_version"] != enc.version:
-            raise ModelMismatch(
-                f"the index in {index_dir} was built with another version of {name!r} "
-                f"({meta['model_version']} vs {enc.version}); rebuild it in a new index folder"
-            )
+            if not same_image_side(meta, enc):
+                raise ModelMismatch(
+                    f"the index in {index_dir} was built with another version of {name!r} "
+                    f"({meta['model_version']} vs {enc.version}) whose image vectors differ; rebuild it in a new "
+                    f"index folder: xmr --index NEW_DIR index FOLDER"
+                )
+            if not upgrade:
+                raise IndexNeedsUpgrade(
+                    f"the index in {index_dir} was built with an earlier version of {name!r} "
+                    f"({meta['model_version']} vs {enc.version}); its images are still valid: bring it up to date "
+                    f"with: xmr --index {index_dir} upgrade (re-embeds its captions and re-scores its images; "
+                    "no image file is read again)"
+                )
+            pending = meta["model_version"]
         if not stored_model:
-            store.set_meta(model=name, model_version=enc.version, dim=enc.dim)
+            store.set_meta(model=name, model_version=enc.version, image_side=enc.image_side(), dim=enc.dim)
+        elif pending is None and not meta.get("image_side"):
+            _record_image_side(store, enc)
         rr = None
         if reranker == "auto":
             rr = _own_reranker(enc)
@@ -148,7 +192,9 @@ class Engine:
             from reranker.hf_blip import BlipReranker
 
             rr = BlipReranker(reranker[3:] if reranker.startswith("hf:") else reranker, device=device)
-        return cls(index_dir, store, enc, rr)
+        engine = cls(index_dir, store, enc, rr)
+        engine.pending_upgrade = pending
+        return engine
 
     def close(self) -> None:
         self.store.close()
@@ -222,6 +268,7 @@ class Engine:
         store's generation: replayed from the journal where possible, rebuilt
         from the rows otherwise; written back after a rebuild or once enough
         changes have piled up past the file (:data:`SAVE_AFTER_CHANGES`)."""
+        self._check_current()
         gen = self.store.generation(name)
         cached = self._indexes.get(name)
         if cached is not None and cached.generation == gen:
@@ -298,11 +345,18 @@ class Engine:
             self._compact_tokens()
         return n
 
+    def _check_current(self) -> None:
+        if self.pending_upgrade is not None:
+            raise IndexNeedsUpgrade(f"the index in {self.index_dir} still holds items of {self.encoder.name} "
+                                    f"version {self.pending_upgrade}; run Engine.upgrade() (xmr upgrade) first")
+
     @contextmanager
-    def _writing(self):
+    def _writing(self, check_current: bool = True):
         """Hold the index folder's writer lock (waiting for another process's
         run), on the token file the database names: a run that held the lock
         before may have compacted it, and files it replaced are deleted."""
+        if check_current:
+            self._check_current()
         with self._lock.hold(on_wait=lambda who: log.warning(
                 "another xmr process%s is changing the index in %s; waiting for it to finish",
                 f" ({who})" if who else "", self.index_dir)):
@@ -346,14 +400,56 @@ class Engine:
             on_total(len(fresh))
         for s in range(0, len(fresh), 256):
             chunk = fresh[s : s + 256]
-            vecs = self.encoder.encode_texts([c for _, c in chunk])
-            biases = self.querybank.text_bias(vecs) if self.querybank is not None else None
+            vecs, biases = self._caption_vectors([c for _, c in chunk])
             self.store.add_captions(chunk, vecs, source, biases)
             if progress:
                 progress(len(chunk))
         self._index("captions")
         return {"imported": len(fresh), "duplicates": len(pairs) - len(fresh), "malformed": n_bad,
                 "total": self.store.count_captions()}
+
+    def _caption_vectors(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        """(stored vectors, query-bank biases or None) of gallery captions."""
+        vecs = self.encoder.encode_texts(texts)
+        return vecs, (self.querybank.text_bias(vecs) if self.querybank is not None else None)
+
+    # -- upgrading ----------------------------------------------------------------
+    def upgrade(self, progress: Callable | None = None, on_total: Callable | None = None) -> dict:
+        """Bring an index built with an earlier version of its model (one with
+        the same image side, see :func:`same_image_side`) up to this version in
+        place: every caption is embedded again (the text side changed), every
+        image's bias is computed again from its stored vector (the query bank
+        may have changed), all in one transaction with the new version, so a
+        run killed midway leaves the index as it was. Image files are not read
+        and region tokens stay. The FAISS indexes are rebuilt afterwards.
+        ``on_total(n)`` hears of the items to rewrite, ``progress(n)`` of each
+        batch. Open the engine with ``upgrade=True``."""
+        old = self.pending_upgrade
+        summary = {"from": old, "to": self.encoder.version, "images": 0, "captions": 0}
+        if old is None:
+            return {**summary, "upgraded": False}
+        bank = self.querybank
+        with self._writing(check_current=False):
+            meta = self.store.get_meta()
+            if meta.get("model_version") == self.encoder.version:  # another process did it while we waited
+                self.pending_upgrade = None
+                return {**summary, "upgraded": False}
+            if meta.get("model_version") != old:
+                raise ModelMismatch(f"the index in {self.index_dir} changed version while waiting "
+                                    f"({meta.get('model_version')}); open it again")
+            if on_total:
+                on_total(self.store.count_images() + self.store.count_captions())
+            n_img, n_cap = self.store.rewrite_items(
+                self.encoder.dim, bank.image_bias if bank is not None else None, self._caption_vectors,
+                {"model_version": self.encoder.version, "image_side": self.encoder.image_side()},
+                progress=progress)
+            self.pending_upgrade = None
+            self._indexes.clear()
+            for name in ("images", "captions"):
+                self._index(name)
+        log.info("upgraded %s from %s to %s: %d images re-scored, %d captions re-embedded",
+                 self.index_dir, old, self.encoder.version, n_img, n_cap)
+        return {**summary, "images": n_img, "captions": n_cap, "upgraded": True}
 
     # -- queries ----------------------------------------------------------------
     def _allowed(self, under: str | None):

@@ -24,6 +24,11 @@ class ModelMismatch(XmrError):
     pass
 
 
+class IndexNeedsUpgrade(ModelMismatch):
+    """The index was built with an earlier version of its model whose image
+    side is unchanged: ``xmr upgrade`` brings it up to date in place."""
+
+
 class UnknownModel(XmrError):
     pass
 

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from retrieval.cli import cli
 
-COMMANDS = ["index", "search", "similar", "captions", "caption", "remove", "status", "eval", "train", "quantize", "retune-reranker", "serve"]
+COMMANDS = ["index", "search", "similar", "captions", "caption", "remove", "status", "eval", "train", "quantize", "retune-reranker", "serve", "upgrade"]
 
 
 def run(args, index_dir, ok=True):
@@ -83,6 +83,33 @@ def test_full_cli_flow(tmp_path, mini_images, mini_dataset):
     status = json.loads(run(["status", "--json"], idx).output)
     assert status["images"] == 32 and status["captions"] == 160
     assert status["model"] == "xmr-lite2" and status["dim"] == 256 and status["index_type"] == "IDMap2,Flat"
+
+    # the same index as the previous release left it (same image side, other text
+    # side): refused until `xmr upgrade`, which makes it what this release builds
+    from indexer.store import Store
+    from retrieval.encoders import create_encoder
+
+    earlier = create_encoder("xmr-lite2").earlier_versions[0]
+    store = Store(idx / "xmr.db")
+    from sqlalchemy import text
+
+    with store.session() as s, s.begin():
+        s.execute(text("UPDATE images SET bias = 0.5"))
+        s.execute(text("UPDATE captions SET bias = NULL, embedding = zeroblob(1024)"))
+    store.set_meta(model_version=earlier, image_side="")
+    store.close()
+    for ask in (["search", "a dog"], ["caption", str(mini_images / name)]):
+        res = run(ask, idx, ok=False)
+        assert res.exit_code == 1 and f"xmr --index {idx} upgrade" in res.output, res.output
+    gens = {n: json.loads((idx / f"{n}.faiss.json").read_text())["generation"] for n in ("images", "captions")}
+    assert "upgraded" in run(["upgrade"], idx).output and "up to date" in run(["upgrade"], idx).output
+    for n, before in gens.items():  # the FAISS files were rebuilt from the rewritten rows, not trusted
+        assert json.loads((idx / f"{n}.faiss.json").read_text())["generation"] == before + 1
+    for got, want, key in ((run(["search", "a dog running on the grass", "-k", "5", "--json"], idx), hits, "path"),
+                           (run(["caption", str(mini_images / name), "-k", "5", "--json"], idx), caps, "caption")):
+        got = json.loads(got.output)
+        assert [h[key] for h in got] == [h[key] for h in want]
+        assert max(abs(a["score"] - b["score"]) for a, b in zip(got, want)) < 1e-3
 
     res = run(["remove", str(mini_images / name)], idx)
     assert "removed 1" in res.output

@@ -502,3 +502,134 @@ def test_worker_processes_index_like_threads(tmp_path, photos):
     shutil.move(photos / "green.jpg", photos / "green-moved.jpg")
     c = by_procs.index([photos], processes=2)
     assert (c.moved, c.added, c.removed) == (1, 0, 0) and by_procs.encoder.images_embedded == before
+
+
+# -- upgrading an index to a new version of its model ---------------------------
+class _Release(FakeEncoder):
+    """A release of the fake model: ``version`` names it, ``side`` its image
+    side, ``shift`` changes its text side, ``bank_seed`` its query bank."""
+
+    def __init__(self, version, side="img-1", shift=0.0, bank_seed=0):
+        import numpy as np
+
+        from retrieval.encoders.base import l2_normalize
+        from retrieval.encoders.querybank import QueryBank
+
+        super().__init__()
+        self.version, self.side, self.shift = version, side, shift
+        self.texts_embedded = 0
+        rng = np.random.default_rng(bank_seed)
+        white = l2_normalize(self._color_vec(np.array(COLORS["white"]) / 255.0))
+        texts = l2_normalize(white + 0.3 * rng.standard_normal((40, self.dim))).astype(np.float32)
+        images = l2_normalize(rng.standard_normal((20, self.dim))).astype(np.float32)
+        self.querybank = QueryBank(texts, images, beta=10.0, alpha=1.0)
+
+    def image_side(self):
+        return self.side
+
+    def _embed_texts(self, texts):
+        self.texts_embedded += len(texts)
+        out = super()._embed_texts(texts)
+        out[:, 5] += self.shift
+        return out
+
+
+def _fill(eng, photos, tmp_path):
+    eng.index([photos])
+    caps = tmp_path / "caps.txt"
+    caps.write_text("a red square\na green field\nblue sky\nwhite snow\n"
+                    + "".join(f"caption number {i}\n" for i in range(600)))
+    eng.import_captions(caps)
+
+
+def _answers(eng, photos):
+    return ([(h.path, round(h.score, 5)) for q in ("red", "white green", "blue sky") for h in eng.search(q, k=5)],
+            [(h.caption, round(h.score, 5)) for h in eng.caption(photos / "blue.jpg", k=5, rerank=False)])
+
+
+def test_an_index_of_an_earlier_release_is_upgraded_in_place_to_what_a_fresh_build_gives(tmp_path, photos):
+    from retrieval.errors import IndexNeedsUpgrade
+
+    first = Engine.open(tmp_path / "index", reranker="none", encoder=_Release("1"))
+    _fill(first, photos, tmp_path)
+    before = _answers(first, photos)
+    first.close()
+    new = _Release("2", shift=0.4, bank_seed=1)  # another text side and bank, same image side
+    with pytest.raises(IndexNeedsUpgrade, match="xmr --index .* upgrade"):
+        Engine.open(tmp_path / "index", reranker="none", encoder=new)
+    eng = Engine.open(tmp_path / "index", reranker="none", encoder=new, upgrade=True)
+    with pytest.raises(IndexNeedsUpgrade):  # nothing may use it before the upgrade
+        eng.search("red")
+    new.texts_embedded = 0
+    totals, done = [], []
+    out = eng.upgrade(progress=done.append, on_total=totals.append)
+    assert out == {"from": "1", "to": "2", "images": 5, "captions": 604, "upgraded": True}
+    assert totals == [609] and sum(done) == 609
+    assert new.images_embedded == 0 and new.texts_embedded == 604  # no image read again
+    got = _answers(eng, photos)
+    fresh_enc = _Release("2", shift=0.4, bank_seed=1)
+    fresh = Engine.open(tmp_path / "fresh", reranker="none", encoder=fresh_enc)
+    _fill(fresh, photos, tmp_path)
+    assert got == _answers(fresh, photos)
+    assert got != before  # the new release scores differently: the upgrade changed what it had to
+    again = Engine.open(tmp_path / "index", reranker="none", encoder=_Release("2", shift=0.4, bank_seed=1))
+    assert again.store.get_meta()["model_version"] == "2" and _answers(again, photos) == got
+    assert again.upgrade()["upgraded"] is False
+    # another image side cannot be upgraded: the images must be embedded again
+    with pytest.raises(ModelMismatch, match="rebuild") as exc:
+        Engine.open(tmp_path / "index", reranker="none", encoder=_Release("3", side="img-2"))
+    assert not isinstance(exc.value, IndexNeedsUpgrade)
+
+
+def _image_biases(eng):
+    return [(int(i), float(b)) for ids, _, bias in eng.store.iter_vectors("images", eng.encoder.dim)
+            for i, b in zip(ids, bias)]
+
+
+def test_an_interrupted_upgrade_leaves_the_index_as_it_was(tmp_path, photos):
+    first = Engine.open(tmp_path / "index", reranker="none", encoder=_Release("1"))
+    _fill(first, photos, tmp_path)
+    before = _answers(first, photos)
+    rows_before = _image_biases(first)
+    first.close()
+
+    class Killed(_Release):
+        def _embed_texts(self, texts):  # dies on the captions, after every image bias was rewritten
+            if self.texts_embedded >= 300:
+                raise KeyboardInterrupt
+            return super()._embed_texts(texts)
+
+    eng = Engine.open(tmp_path / "index", reranker="none", encoder=Killed("2", shift=0.4, bank_seed=1), upgrade=True)
+    with pytest.raises(KeyboardInterrupt):
+        eng.upgrade()
+    eng.close()
+    again = Engine.open(tmp_path / "index", reranker="none", encoder=_Release("1"))
+    assert again.store.get_meta()["model_version"] == "1"
+    assert _image_biases(again) == rows_before
+    assert _answers(again, photos) == before
+    # and the upgrade can then run to the end
+    done = Engine.open(tmp_path / "index", reranker="none", encoder=_Release("2", shift=0.4, bank_seed=1),
+                       upgrade=True).upgrade()
+    assert done["upgraded"] and done["captions"] == 604
+
+
+def test_an_index_from_before_the_image_side_record_upgrades_only_from_a_listed_release(tmp_path, photos):
+    from retrieval.errors import IndexNeedsUpgrade
+
+    eng = Engine.open(tmp_path / "index", reranker="none", encoder=_Release("1"))
+    _fill(eng, photos, tmp_path)
+    assert eng.store.get_meta()["image_side"] == "img-1"
+    eng.store.set_meta(image_side="")  # as an index made before the record
+    eng.close()
+    unlisted = _Release("2", shift=0.4)
+    with pytest.raises(ModelMismatch, match="rebuild") as exc:
+        Engine.open(tmp_path / "index", reranker="none", encoder=unlisted)
+    assert not isinstance(exc.value, IndexNeedsUpgrade)
+    listed = _Release("2", shift=0.4)
+    listed.earlier_versions = ("0", "1")
+    with pytest.raises(IndexNeedsUpgrade):
+        Engine.open(tmp_path / "index", reranker="none", encoder=listed)
+    # opened by the release that made it, the index records its image side
+    Engine.open(tmp_path / "index", reranker="none", encoder=_Release("1")).close()
+    assert Engine.open(tmp_path / "index", reranker="none",
+                       encoder=_Release("1")).store.get_meta()["image_side"] == "img-1"

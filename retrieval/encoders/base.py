@@ -50,6 +50,17 @@ class DualEncoder(ABC):
     input_size: int = 224
     #: query-bank normalisation of recall scores (querybank.py), when the model ships one
     querybank = None
+    #: full versions of earlier releases of this model whose image side equals
+    #: this one's (indexes built with them lack an image-side record)
+    earlier_versions: tuple[str, ...] = ()
+
+    def image_side(self) -> str:
+        """Names what an index's stored image vectors (and region tokens)
+        depend on. Where an index's matches, a new version of the model that
+        changed only its text side can bring the index up to date in place
+        (``Engine.upgrade``) instead of decoding every image again. By
+        default the whole version: no in-place upgrade."""
+        return self.version
 
     @abstractmethod
     def prepare(self, image: Image.Image):

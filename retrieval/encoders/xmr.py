@@ -67,6 +67,7 @@ class XmrEncoder(DualEncoder):
             self.reranker_model.to(self.device).eval()
         self._tokenizer = None
         self._last_text = None  # (texts, states) of the last short call: a query is embedded, then reranked
+        self._image_side = None
 
     @classmethod
     def from_checkpoint(cls, path: str, name: str | None = None, device: str | None = None,
@@ -103,9 +104,27 @@ class XmrEncoder(DualEncoder):
             if bank.memory is not None:
                 h.update(bank.text_owner.tobytes())
         label = name if name and "/" not in name else Path(path).name
-        return cls(model, label, h.hexdigest()[:12], reranker, float(settings["fusion_weight"]), device,
-                   backend=backend, views=tuple(settings["views"]), weights_key=f"{Path(path).name}-{weights_key}",
-                   querybank=bank, checkpoint_dir=str(path))
+        enc = cls(model, label, h.hexdigest()[:12], reranker, float(settings["fusion_weight"]), device,
+                  backend=backend, views=tuple(settings["views"]), weights_key=f"{Path(path).name}-{weights_key}",
+                  querybank=bank, checkpoint_dir=str(path))
+        enc.earlier_versions = tuple(meta.get("earlier_versions", {}).get(label, ()))
+        return enc
+
+    def image_side(self) -> str:
+        """The checkpoint's image weights, int8 graph and image config, and the
+        views (``checkpoint.image_side_digest``); computed on first use (it
+        reads the weights: about 40 ms)."""
+        if self._image_side is None:
+            if self.checkpoint_dir is None:
+                return self.version
+            import json
+
+            from ..training import checkpoint
+
+            h = hashlib.sha256(checkpoint.image_side_digest(self.checkpoint_dir).encode())
+            h.update(json.dumps({"views": list(self.views)}).encode())
+            self._image_side = h.hexdigest()[:12]
+        return self._image_side
 
     # -- preprocessing ----------------------------------------------------------
     def prepare(self, image: Image.Image) -> np.ndarray:

@@ -64,7 +64,9 @@ def save_checkpoint(out_dir: str | os.PathLike, config: dict, dual=None, reranke
 
 REGION_PROJECTION = "level_proj."  # the reranker's part that makes the region tokens an index stores
 # config.json keys that change nothing an index stores (left out of the model version)
-UNVERSIONED_KEYS = ("reranker_retune",)
+UNVERSIONED_KEYS = ("reranker_retune", "earlier_versions")
+# the model config keys that shape the image side (the rest is the text side)
+IMAGE_CONFIG_KEYS = ("image_tower", "image_size", "embed_dim", "region_grid")
 
 
 def image_weights_digest(ckpt_dir: str | os.PathLike) -> str:
@@ -87,6 +89,24 @@ def image_weights_digest(ckpt_dir: str | os.PathLike) -> str:
             for key in sorted(k for k in f.keys() if k.startswith(REGION_PROJECTION)):
                 h.update(key.encode())
                 h.update(f.get_tensor(key).contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def image_side_digest(ckpt_dir: str | os.PathLike) -> str:
+    """sha256 of what an index's stored image vectors and region tokens depend
+    on inside a checkpoint: the image weights (:func:`image_weights_digest`),
+    the shipped int8 graph that computes them on a CPU, and the image keys of
+    the model config. Checkpoints that differ only on the text side (text
+    tower, query bank, text memory, the rest of the reranker) share it."""
+    import hashlib
+
+    h = hashlib.sha256(image_weights_digest(ckpt_dir).encode())
+    int8 = Path(ckpt_dir) / INT8_FILE
+    if int8.is_file():
+        h.update(INT8_FILE.encode())
+        h.update(int8.read_bytes())
+    model = read_config(ckpt_dir).get("model", {})
+    h.update(json.dumps({k: model.get(k) for k in IMAGE_CONFIG_KEYS}, sort_keys=True).encode())
     return h.hexdigest()
 
 
