@@ -294,7 +294,7 @@ def status(ctx, as_json):
         info = {"index_dir": str(index_dir), "images": 0, "captions": 0, "model": None, "dim": None,
                 "index_type": None, "exists": False}
     else:
-        info = _open(ctx, rerank=True).status()
+        info = _open(ctx, rerank=True, upgrade=True).status()
         info["exists"] = True
     if as_json:
         _emit_json(info)

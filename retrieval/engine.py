@@ -630,7 +630,8 @@ class Engine:
     # -- facts ------------------------------------------------------------------
     def status(self) -> dict:
         meta = self.store.get_meta()
-        images = self._index("images")
+        # an index waiting for `xmr upgrade` is described from its records alone
+        images = self._index("images") if self.pending_upgrade is None else None
         return {
             "index_dir": str(self.index_dir),
             "images": self.store.count_images(),
@@ -638,9 +639,9 @@ class Engine:
             "model": meta.get("model"),
             "model_version": meta.get("model_version"),
             "dim": int(meta.get("dim", self.encoder.dim)),
-            "index_type": images.spec.factory,
-            "search_params": images.spec.params,
-            "gpu": images.use_gpu,
+            "index_type": images.spec.factory if images else meta.get("images_factory"),
+            "search_params": images.spec.params if images else None,
+            "gpu": images.use_gpu if images else None,
             "reranker": self.reranker.name if self.reranker else None,
             "querybank": ({"beta": self.querybank.beta, "alpha": self.querybank.alpha}
                           if self.querybank is not None else None),
@@ -648,6 +649,8 @@ class Engine:
                             if self.querybank is not None and self.querybank.memory is not None else None),
             "schema_version": int(meta.get("schema_version", 0)),
             "token_store": self._token_store_status(),
+            "upgrade_needed": (None if self.pending_upgrade is None else
+                               f"built with version {self.pending_upgrade}: run xmr upgrade"),
         }
 
     def _token_store_status(self) -> dict | None:

@@ -81,7 +81,7 @@ def test_full_cli_flow(tmp_path, mini_images, mini_dataset):
     assert len(sim) == 3 and all(h["path"] != str(mini_images / name) for h in sim)
 
     status = json.loads(run(["status", "--json"], idx).output)
-    assert status["images"] == 32 and status["captions"] == 160
+    assert status["images"] == 32 and status["captions"] == 160 and status["upgrade_needed"] is None
     assert status["model"] == "xmr-lite2" and status["dim"] == 256 and status["index_type"] == "IDMap2,Flat"
 
     # the same index as the previous release left it (same image side, other text
@@ -98,6 +98,8 @@ def test_full_cli_flow(tmp_path, mini_images, mini_dataset):
         s.execute(text("UPDATE captions SET bias = NULL, embedding = zeroblob(1024)"))
     store.set_meta(model_version=earlier, image_side="")
     store.close()
+    pending = json.loads(run(["status", "--json"], idx).output)
+    assert pending["upgrade_needed"] == f"built with version {earlier}: run xmr upgrade" and pending["images"] == 32
     for ask in (["search", "a dog"], ["caption", str(mini_images / name)]):
         res = run(ask, idx, ok=False)
         assert res.exit_code == 1 and f"xmr --index {idx} upgrade" in res.output, res.output
