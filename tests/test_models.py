@@ -415,6 +415,33 @@ def test_shipped_variants_share_weights_but_not_versions():
         view_batch(a, "zoom")
 
 
+def test_image_side_is_shared_by_text_side_changes_only_and_earlier_releases_follow_it(tmp_path):
+    """What `xmr upgrade` relies on: the image side ignores the text side and
+    the reranker past its region projection, follows the image weights, the
+    int8 graph and the views; the list of earlier releases counts only while
+    the image side it was written for is still the checkpoint's."""
+    import shutil
+
+    from retrieval.encoders import builtin_models, create_encoder
+    from retrieval.encoders.xmr import XmrEncoder
+    from retrieval.training import checkpoint
+
+    base = create_encoder("xmr-lite2", device="cpu")
+    assert base.earlier_versions and base.version not in base.earlier_versions
+    assert create_encoder("xmr-lite2-fast", device="cpu").image_side() != base.image_side()  # other views
+    folder = tmp_path / "xmr-lite2"
+    shutil.copytree(builtin_models()["xmr-lite2"], folder)
+    meta = checkpoint.read_config(folder)
+    meta["text_memory"] = {**meta["text_memory"], "weight": 0.2}  # a text-side change
+    (folder / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    text_side = XmrEncoder.from_checkpoint(str(folder), name="xmr-lite2", device="cpu")
+    assert text_side.version != base.version and text_side.image_side() == base.image_side()
+    assert text_side.earlier_versions == base.earlier_versions
+    (folder / checkpoint.INT8_FILE).write_bytes(b"another graph")  # an image-side change
+    image_side = XmrEncoder.from_checkpoint(str(folder), name="xmr-lite2", device="cpu", backend="torch")
+    assert image_side.image_side() != base.image_side() and image_side.earlier_versions == ()
+
+
 def test_bootstrap_rsum_delta():
     from retrieval.metrics import bootstrap_rsum_delta, rsum_of_ranks
 

@@ -68,6 +68,7 @@ class XmrEncoder(DualEncoder):
         self._tokenizer = None
         self._last_text = None  # (texts, states) of the last short call: a query is embedded, then reranked
         self._image_side = None
+        self._earlier = None  # the checkpoint's earlier_versions record (see the property)
 
     @classmethod
     def from_checkpoint(cls, path: str, name: str | None = None, device: str | None = None,
@@ -107,8 +108,25 @@ class XmrEncoder(DualEncoder):
         enc = cls(model, label, h.hexdigest()[:12], reranker, float(settings["fusion_weight"]), device,
                   backend=backend, views=tuple(settings["views"]), weights_key=f"{Path(path).name}-{weights_key}",
                   querybank=bank, checkpoint_dir=str(path))
-        enc.earlier_versions = tuple(meta.get("earlier_versions", {}).get(label, ()))
+        enc._earlier = meta.get("earlier_versions")
         return enc
+
+    @property
+    def earlier_versions(self) -> tuple[str, ...]:
+        """Earlier releases of this model (by full version) with the same image
+        side, from the checkpoint's ``earlier_versions``: ``{"image_side": the
+        checkpoint.image_side_digest they share, "versions": {model name:
+        [versions]}}``. Ignored once the checkpoint's image side has changed
+        since the list was written (a retrained image tower keeps the old
+        config keys)."""
+        listed = getattr(self, "_earlier", None)
+        if not listed or self.checkpoint_dir is None:
+            return ()
+        from ..training import checkpoint
+
+        if listed.get("image_side") != checkpoint.image_side_digest(self.checkpoint_dir):
+            return ()
+        return tuple(listed.get("versions", {}).get(self.name, ()))
 
     def image_side(self) -> str:
         """The checkpoint's image weights, int8 graph and image config, and the
