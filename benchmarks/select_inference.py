@@ -77,8 +77,7 @@ def main(dataset, split, k, model, view_names, write_bank, write_owners, memory_
     if write_bank:
         t0 = time.time()
         train = split_records(records, "train")
-        caps = [c for r in train for c in r.captions]
-        owner = np.array([i for i, r in enumerate(train) for _ in r.captions])
+        caps, owner = _captions_and_owners(train)
         text_vecs = enc.tower_texts(caps)
         img_vecs = np.concatenate([enc.encode_images(_pixels(enc, train[s : s + 256]))
                                    for s in range(0, len(train), 256)])
@@ -173,6 +172,14 @@ def _memory_weight(text_memory: dict | None) -> float:
     return float(text_memory["weight"]) if text_memory else 0.0
 
 
+def _captions_and_owners(records):
+    """Every caption of ``records`` in order, and the record row of each."""
+    import numpy as np
+
+    return ([c for r in records for c in r.captions],
+            np.array([i for i, r in enumerate(records) for _ in r.captions]))
+
+
 def _with_owners(enc, bank, train, sample: int = 200):
     """The bank with the owner of each caption, derived by the rule that built
     it (the first two captions of each train image, in order); refused unless
@@ -181,8 +188,7 @@ def _with_owners(enc, bank, train, sample: int = 200):
 
     from retrieval.encoders.querybank import QueryBank, bank_rows
 
-    caps = [c for r in train for c in r.captions]
-    owner = np.array([i for i, r in enumerate(train) for _ in r.captions])
+    caps, owner = _captions_and_owners(train)
     kept = bank_rows(owner)
     text_owner = owner[kept]
     if len(kept) != len(bank.texts) or len(train) != len(bank.images):

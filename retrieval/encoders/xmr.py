@@ -67,7 +67,6 @@ class XmrEncoder(DualEncoder):
             self.reranker_model.to(self.device).eval()
         self._tokenizer = None
         self._last_text = None  # (texts, states) of the last short call: a query is embedded, then reranked
-        self._image_side = None
         self._earlier = None  # the checkpoint's earlier_versions record (see the property)
 
     @classmethod
@@ -119,30 +118,31 @@ class XmrEncoder(DualEncoder):
         [versions]}}``. Ignored once the checkpoint's image side has changed
         since the list was written (a retrained image tower keeps the old
         config keys)."""
-        listed = getattr(self, "_earlier", None)
-        if not listed or self.checkpoint_dir is None:
-            return ()
-        from ..training import checkpoint
-
-        if listed.get("image_side") != checkpoint.image_side_digest(self.checkpoint_dir):
+        listed = self._earlier
+        if not listed or self._checkpoint_side is None or listed.get("image_side") != self._checkpoint_side:
             return ()
         return tuple(listed.get("versions", {}).get(self.name, ()))
 
+    @functools.cached_property
+    def _checkpoint_side(self) -> str | None:
+        """``checkpoint.image_side_digest`` of the checkpoint folder, read once
+        (it hashes the image weights and the int8 graph: about 40 ms)."""
+        if self.checkpoint_dir is None:
+            return None
+        from ..training import checkpoint
+
+        return checkpoint.image_side_digest(self.checkpoint_dir)
+
     def image_side(self) -> str:
-        """The checkpoint's image weights, int8 graph and image config, and the
-        views (``checkpoint.image_side_digest``); computed on first use (it
-        reads the weights: about 40 ms)."""
-        if self._image_side is None:
-            if self.checkpoint_dir is None:
-                return self.version
-            import json
+        """The checkpoint's image weights, int8 graph and image config
+        (:attr:`_checkpoint_side`), and the views."""
+        if self._checkpoint_side is None:
+            return self.version
+        import json
 
-            from ..training import checkpoint
-
-            h = hashlib.sha256(checkpoint.image_side_digest(self.checkpoint_dir).encode())
-            h.update(json.dumps({"views": list(self.views)}).encode())
-            self._image_side = h.hexdigest()[:12]
-        return self._image_side
+        h = hashlib.sha256(self._checkpoint_side.encode())
+        h.update(json.dumps({"views": list(self.views)}).encode())
+        return h.hexdigest()[:12]
 
     # -- preprocessing ----------------------------------------------------------
     def prepare(self, image: Image.Image) -> np.ndarray:
