@@ -116,15 +116,43 @@ class VectorIndex:
         return int(self.index.remove_ids(faiss.IDSelectorBatch(ids)))
 
     # -- searching ------------------------------------------------------------
+    def _set_nprobe(self) -> None:
+        nprobe = self.spec.params.get("nprobe")
+        if nprobe is not None:
+            _faiss().extract_index_ivf(self.index).nprobe = nprobe
+
     def _searcher(self):
-        if not self.use_gpu:
-            return self.index
-        if self._gpu_index is None:
-            faiss = _faiss()
+        """The index to search: a GPU copy where FAISS has a GPU (made on
+        first use after a change; it takes ``nprobe`` from the CPU index, as
+        a GPU IVF index is no ``IndexIVF`` to set it on), else the index."""
+        if self.use_gpu and self._gpu_index is None:
+            self._gpu_index = self._to_gpu()
+        return self.index if self._gpu_index is None else self._gpu_index
+
+    def _to_gpu(self):
+        """A GPU copy of the index, or None (and CPU search from then on)
+        where FAISS cannot make one."""
+        faiss = _faiss()
+        self._set_nprobe()
+        try:
             if self._gpu_res is None:
                 self._gpu_res = faiss.StandardGpuResources()
-            self._gpu_index = faiss.index_cpu_to_gpu(self._gpu_res, 0, self.index)
-        return self._gpu_index
+            return faiss.index_cpu_to_gpu(self._gpu_res, 0, self.index)
+        except RuntimeError as exc:
+            error = exc
+        # builds with cuVS send IVF through it by default; FAISS's own GPU kernels are the fallback
+        options = faiss.GpuClonerOptions() if hasattr(faiss, "GpuClonerOptions") else None
+        if options is not None and hasattr(options, "use_cuvs"):
+            options.use_cuvs = False
+            try:
+                return faiss.index_cpu_to_gpu(self._gpu_res, 0, self.index, options)
+            except RuntimeError as exc:
+                error = exc
+        lines = str(error).strip().splitlines()
+        log.warning("cannot copy the %s index to the GPU (%s); searching it on the CPU",
+                    self.spec.factory, lines[-1] if lines else type(error).__name__)
+        self.use_gpu = False
+        return None
 
     def search(self, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None):
         """Top-``k`` (scores, ids) per query; ids are -1 where fewer exist.
@@ -137,14 +165,12 @@ class VectorIndex:
         k = max(1, min(k, max(1, self.ntotal)))
         if self.ntotal == 0:
             return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
-        nprobe = self.spec.params.get("nprobe")
+        self._set_nprobe()
         if allowed_ids is None:
-            searcher = self._searcher()
-            if nprobe is not None:
-                faiss.extract_index_ivf(searcher).nprobe = nprobe
-            return searcher.search(q, k)
+            return self._searcher().search(q, k)
         # Selectors run on the CPU index.
         sel = faiss.IDSelectorBatch(np.asarray(allowed_ids, dtype=np.int64))
+        nprobe = self.spec.params.get("nprobe")
         if nprobe is not None:
             params = faiss.SearchParametersIVF(sel=sel, nprobe=nprobe)
         else:

@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-DATASETS = ROOT.parent / "shared" / "datasets"
+# XMR_DATASETS: where the datasets are when not beside the checkout (the GPU machine stages them elsewhere)
+DATASETS = Path(os.environ.get("XMR_DATASETS", ROOT.parent / "shared" / "datasets"))
 
 
 def _dataset(name: str) -> Path:

@@ -62,3 +62,29 @@ def test_query_bank_index_on_gpu_matches_cpu():
     s2, i2 = gpu.search(q, 10)
     np.testing.assert_allclose(s1, s2, atol=1e-4)
     assert (i1 == i2).mean() > 0.99
+
+
+def test_engine_on_cuda_indexes_and_answers_like_the_cpu(mini_images, tmp_path, monkeypatch):
+    """The whole engine on CUDA (decoding threads, pinned batches, views made
+    on the GPU, bf16 towers, FAISS on the GPU, reranking) ranks the 32
+    full-size photos of flickr8k-mini as the CPU's PyTorch path does."""
+    from retrieval.engine import Engine
+
+    monkeypatch.setenv("XMR_BACKEND", "torch")  # the CPU side in float, as on the GPU (no int8 graph there)
+    queries = ["a dog runs through the grass", "children playing outside", "a man riding a bike",
+               "people standing in the snow", "a girl in a pink dress"]
+    answers, similar, status = {}, {}, None
+    for device in ("cpu", "cuda"):
+        engine = Engine.open(tmp_path / device, device=device)
+        summary = engine.index([mini_images], batch_size=16)
+        assert summary.added == 32 and not summary.skipped
+        answers[device] = [[hit.path.rsplit("/", 1)[-1] for hit in engine.search(q, k=5)] for q in queries]
+        first = sorted(mini_images.iterdir())[0]
+        similar[device] = [hit.path.rsplit("/", 1)[-1] for hit in engine.similar(first, k=5)]
+        status = engine.status()
+        engine.close()
+    assert status["gpu"] is True, "FAISS did not search on the GPU"
+    overlap = [len(set(a) & set(b)) for a, b in zip(answers["cpu"], answers["cuda"])]
+    assert min(overlap) >= 3 and sum(overlap) >= 4 * len(queries), (answers, overlap)
+    assert all(b[0] in a[:3] for a, b in zip(answers["cpu"], answers["cuda"])), answers
+    assert len(set(similar["cpu"]) & set(similar["cuda"])) >= 4, similar

@@ -90,6 +90,57 @@ def test_save_load_roundtrip(tmp_path):
     assert (loaded.search(q, 5)[1] == idx.search(q, 5)[1]).all()
 
 
+class _GpuStandIn:
+    """What a GPU copy looks like to the code that searches it: it answers
+    like the index it was copied from, and it is no ``IndexIVF`` (a GPU IVF
+    index is not), so setting ``nprobe`` through it would fail."""
+
+    def __init__(self, index):
+        import faiss
+
+        self._copy = faiss.clone_index(index)
+        self.nprobe = faiss.extract_index_ivf(index).nprobe
+
+    def search(self, q, k):
+        return self._copy.search(q, k)
+
+
+def _fake_gpu(monkeypatch, copy):
+    import faiss
+
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object(), raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", copy, raising=False)
+
+
+def test_gpu_copy_of_an_ivf_index_takes_its_nprobe(monkeypatch):
+    """GPU code path checked on the CPU: an IVF index is copied to the GPU
+    with the nprobe of its spec already set, and searched as it is."""
+    copies = []
+    _fake_gpu(monkeypatch, lambda res, device, index, options=None: copies.append(_GpuStandIn(index)) or copies[-1])
+    base = normed(30_000, 16, clusters=200)
+    ids = np.arange(30_000, dtype=np.int64) * 3
+    on_gpu = build_index(16, batches_of(ids, base, 5000), len(ids), exact_limit=10_000, use_gpu=True)
+    on_cpu = build_index(16, batches_of(ids, base, 5000), len(ids), exact_limit=10_000, use_gpu=False)
+    q = normed(20, 16, seed=5, clusters=200)
+    assert (on_gpu.search(q, 10)[1] == on_cpu.search(q, 10)[1]).all()
+    assert len(copies) == 1 and copies[0].nprobe == on_gpu.spec.params["nprobe"] > 1
+    on_gpu.add(np.array([1]), q[:1])  # a change drops the GPU copy; the next search makes a new one
+    assert on_gpu.search(q[:1], 1)[1][0, 0] == 1 and len(copies) == 2
+
+
+def test_index_that_cannot_go_to_the_gpu_is_searched_on_the_cpu(monkeypatch, caplog):
+    def refuse(res, device, index, options=None):
+        raise RuntimeError("Error in index_cpu_to_gpu: not implemented on GPU")
+
+    _fake_gpu(monkeypatch, refuse)
+    base = normed(500, 8)
+    idx = build_index(8, batches_of(np.arange(500), base), 500, use_gpu=True)
+    with caplog.at_level("WARNING", logger="indexer.vectors"):
+        found = idx.search(base[:3], 1)[1][:, 0]
+    assert found.tolist() == [0, 1, 2] and not idx.use_gpu
+    assert "searching it on the CPU" in caplog.text and "not implemented on GPU" in caplog.text
+
+
 @pytest.mark.gpu
 def test_gpu_search_matches_cpu():
     from indexer.vectors import gpu_available
