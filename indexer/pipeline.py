@@ -23,6 +23,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .decode import MAX_FILE_BYTES, BadImage, decode_image
+from .spool import Spool
 from .store import Store
 from .tokens import TokenStore
 from .walk import FoundFile, SkippedFile, normalise_roots, scan, stat_file
@@ -37,8 +38,7 @@ class IndexSummary:
     moved: int = 0
     unchanged: int = 0
     removed: int = 0
-    skipped: Counter = field(default_factory=Counter)
-    skipped_files: list[tuple[str, str]] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)  # reason -> files (each reported by on_skip as it goes)
     seconds: float = 0.0
 
     @property
@@ -94,13 +94,17 @@ class Indexer:
 
         def skip(path: str, reason: str) -> None:
             summary.skipped[reason] += 1
-            summary.skipped_files.append((path, reason))
             if on_skip:
                 on_skip(path, reason)
 
-        # Compare the walk with the store a chunk of files at a time, so that
-        # memory follows the changes, not the size of the collection.
-        changed: list[tuple[FoundFile, tuple | None]] = []
+        with Spool() as changed:
+            return self._run(roots, changed, skip, summary, progress, on_total, t0)
+
+    def _run(self, roots, changed: Spool, skip, summary: IndexSummary, progress, on_total, t0) -> IndexSummary:
+        # Compare the walk with the store a chunk of files at a time, and keep
+        # the changed ones on disk (``changed``: (file, stored state) pairs), so
+        # that memory stays flat whatever the size of the collection, even on
+        # a first import where every file is a change.
         chunk: list[FoundFile] = []
 
         def compare(files: list[FoundFile]) -> None:
@@ -137,7 +141,7 @@ class Indexer:
             on_total(len(changed))
         reused: set[int] = set()
         moved_count = 0
-        batches = [changed[s : s + self.batch_size] for s in range(0, len(changed), self.batch_size)]
+        batches = changed.batches(self.batch_size)
         gone_hashes = frozenset(gone_by_hash)
         with self._pool(gone_hashes) as pool:
             if self.processes:
@@ -146,11 +150,13 @@ class Indexer:
             else:
                 def submit(f, st):
                     return pool.submit(examine, f, st, gone_hashes, self.draft_size, self.prepare)
-            pending = [submit(f, st) for f, st in batches[0]] if batches else []
-            for n, batch in enumerate(batches):
+            batch = next(batches, None)
+            pending = [submit(f, st) for f, st in batch] if batch else []
+            while batch is not None:
                 results = [f.result() for f in pending]
-                if n + 1 < len(batches):  # decode one batch ahead of the model
-                    pending = [submit(f, st) for f, st in batches[n + 1]]
+                following = next(batches, None)
+                if following is not None:  # decode one batch ahead of the model
+                    pending = [submit(f, st) for f, st in following]
                 moved, touched, ok = [], [], []
                 for (f, state), r in zip(batch, results):
                     if isinstance(r, BadImage):
@@ -194,6 +200,7 @@ class Indexer:
                         summary.updated += 1
                 if progress:
                     progress(len(batch))
+                batch = following
         removed = [i for i in gone if i not in reused]
         if removed:
             self.store.write_images([], [], [], removed)

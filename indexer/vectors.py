@@ -107,6 +107,31 @@ class VectorIndex:
         self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64))
         self._gpu_index = None
 
+    def fill(self, batches) -> None:
+        """Add every (ids, vectors) of ``batches()`` (re-iterable) to this
+        empty, trained IVF index, each inverted list allocated once at its
+        final size: grown one add at a time, the lists end up holding about
+        1.7x the memory their vectors need (300,000 x 257-d: 501 MB instead of
+        296). Two passes: assign every vector to its list and count, then add
+        with those assignments (the coarse quantizer runs once, as in ``add``)."""
+        faiss = _faiss()
+        if not (self.spec.factory.startswith("IVF") and self.ntotal == 0):
+            raise ValueError(f"fill() fills an empty bare IVF index, not {self.spec.factory} of {self.ntotal}")
+        ivf = faiss.extract_index_ivf(self.index)
+        assigned = [ivf.quantizer.assign(np.ascontiguousarray(vecs, dtype=np.float32), 1).ravel()
+                    for _, vecs in batches()]
+        counts = np.bincount(np.concatenate(assigned), minlength=ivf.nlist) if assigned else np.zeros(0, int)
+        lists = faiss.downcast_InvertedLists(ivf.invlists)
+        for list_no in np.flatnonzero(counts):
+            lists.resize(int(list_no), int(counts[list_no]))  # sets the capacity ...
+            lists.resize(int(list_no), 0)  # ... which shrinking the size keeps
+        for (ids, vecs), labels in zip(batches(), assigned):
+            x = np.ascontiguousarray(vecs, dtype=np.float32)
+            ids = np.ascontiguousarray(ids, dtype=np.int64)
+            labels = np.ascontiguousarray(labels, dtype=np.int64)
+            ivf.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(labels))
+        self._gpu_index = None
+
     def remove(self, ids) -> int:
         faiss = _faiss()
         ids = np.asarray(list(ids), dtype=np.int64)
@@ -222,14 +247,18 @@ def build_index(dim: int, batches, n_vectors: int, exact_limit: int = EXACT_LIMI
     if index.needs_training:
         nlist = int(spec.factory.split(",")[0][3:])
         want = min(n_vectors, max(nlist * 39, 20_000))
-        sample, got = [], 0
+        sample, got = np.empty((want, dim), np.float32), 0  # filled in place: one copy, not two
         for _, vecs in batches():
-            sample.append(vecs)
-            got += len(vecs)
+            take = min(len(vecs), want - got)
+            sample[got : got + take] = vecs[:take]
+            got += take
             if got >= want:
                 break
-        index.train(np.concatenate(sample)[:want])
-    for ids, vecs in batches():
-        index.add(ids, vecs)
+        index.train(sample[:got])
+        del sample
+        index.fill(batches)
+    else:
+        for ids, vecs in batches():
+            index.add(ids, vecs)
     log.info("built %s over %d vectors", spec.factory, index.ntotal)
     return index

@@ -107,6 +107,25 @@ def test_rows_under_thousands_of_paths(tmp_path):
     assert st.remove_paths(asked) == 751 and st.count_images() == 751
 
 
+def test_bulk_writes_return_each_row_its_own_id(tmp_path):
+    """Images and captions go in with one INSERT a batch; the ids returned
+    follow the order of the rows given (the journal and callers rely on it)."""
+    st = Store(tmp_path / "x.db")
+    row = dict(size=1, mtime_ns=1, sha256="h", width=2, height=2)
+    st.write_images([dict(row, path="/first.jpg", embedding=np.zeros(4, np.float32))], [], [], [])
+    paths = [f"/p/{i:03d}.jpg" for i in range(300)][::-1]
+    ids = st.write_images([dict(row, path=p, embedding=np.full(4, i, np.float32), token_slot=i, bias=i / 10)
+                           for i, p in enumerate(paths)], [], [], [])
+    rows = st.image_rows(ids)
+    assert len(set(ids)) == 300 and [rows[i].path for i in ids] == paths
+    assert [rows[i].token_slot for i in ids] == list(range(300)) and rows[ids[7]].bias == pytest.approx(0.7)
+    assert st.add_captions([("a.jpg", "one"), (None, "two")], np.eye(2, 4, dtype=np.float32), "src.txt",
+                           np.array([0.1, 0.2])) == 2
+    got = {r.text: r for r in st.caption_rows(st.changes("captions", 0, st.generation("captions"))[0]).values()}
+    assert got["one"].image_name == "a.jpg" and got["two"].image_name is None
+    assert got["two"].bias == pytest.approx(0.2, abs=1e-6)
+
+
 def test_flickr_token_file_with_malformed_lines(tmp_path):
     f = tmp_path / "tokens.txt"
     f.write_text("a.jpg#0\tA dog runs .\nno tab here\nb.jpg#1\t   \n\nc.jpg#0\tA cat sleeps .\n"
