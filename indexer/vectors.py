@@ -113,22 +113,39 @@ class VectorIndex:
         final size: grown one add at a time, the lists end up holding about
         1.7x the memory their vectors need (300,000 x 257-d: 501 MB instead of
         296). Two passes: assign every vector to its list and count, then add
-        with those assignments (the coarse quantizer runs once, as in ``add``)."""
+        with those assignments (the coarse quantizer runs once, as in ``add``).
+        Assignments are kept by id, so rows that another process adds or
+        removes between the passes cannot shift them onto other vectors."""
         faiss = _faiss()
         if not (self.spec.factory.startswith("IVF") and self.ntotal == 0):
             raise ValueError(f"fill() fills an empty bare IVF index, not {self.spec.factory} of {self.ntotal}")
         ivf = faiss.extract_index_ivf(self.index)
-        assigned = [ivf.quantizer.assign(np.ascontiguousarray(vecs, dtype=np.float32), 1).ravel()
-                    for _, vecs in batches()]
-        counts = np.bincount(np.concatenate(assigned), minlength=ivf.nlist) if assigned else np.zeros(0, int)
+
+        def assign(vecs):
+            return ivf.quantizer.assign(np.ascontiguousarray(vecs, dtype=np.float32), 1).ravel().astype(np.int64)
+
+        seen = [(np.asarray(ids, np.int64), assign(vecs)) for ids, vecs in batches()]
+        known_ids = np.concatenate([i for i, _ in seen]) if seen else np.zeros(0, np.int64)
+        known_lists = np.concatenate([a for _, a in seen]) if seen else np.zeros(0, np.int64)
+        del seen
+        order = np.argsort(known_ids, kind="stable")
+        known_ids, known_lists = known_ids[order], known_lists[order]
         lists = faiss.downcast_InvertedLists(ivf.invlists)
+        counts = np.bincount(known_lists, minlength=ivf.nlist)
         for list_no in np.flatnonzero(counts):
             lists.resize(int(list_no), int(counts[list_no]))  # sets the capacity ...
             lists.resize(int(list_no), 0)  # ... which shrinking the size keeps
-        for (ids, vecs), labels in zip(batches(), assigned):
+        for ids, vecs in batches():
             x = np.ascontiguousarray(vecs, dtype=np.float32)
             ids = np.ascontiguousarray(ids, dtype=np.int64)
-            labels = np.ascontiguousarray(labels, dtype=np.int64)
+            labels = np.full(len(ids), -1, np.int64)
+            if len(known_ids):
+                pos = np.minimum(np.searchsorted(known_ids, ids), len(known_ids) - 1)
+                hit = known_ids[pos] == ids
+                labels[hit] = known_lists[pos[hit]]
+            new = labels < 0  # rows written since the first pass
+            if new.any():
+                labels[new] = assign(x[new])
             ivf.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(labels))
         self._gpu_index = None
 

@@ -174,3 +174,25 @@ def test_ivf_filled_in_two_passes_equals_one_grown_by_adds():
     assert (i1 == i2).all() and np.allclose(s1, s2)
     with pytest.raises(ValueError):
         filled.fill(batches_of(ids, base))  # not empty any more
+
+
+def test_ivf_fill_keeps_each_vector_in_its_own_list_when_rows_change_between_passes():
+    """Another process may add or remove rows between fill's two reads of
+    the store: every vector must still land in the list of its own nearest
+    centroid (found by searching for itself with nprobe 1)."""
+    base = normed(30_000, 16, clusters=300)
+    ids = np.arange(30_000, dtype=np.int64)
+    reads = []
+
+    def changing():  # the second read lacks rows 100-199 and has 50 new ones at the end
+        reads.append(1)
+        if len(reads) <= 2:  # the training sample and the first pass
+            return batches_of(ids[:29_950], base[:29_950], 4000)()
+        keep = np.r_[0:100, 200:30_000]
+        return batches_of(ids[keep], base[keep], 4000)()
+
+    idx = build_index(16, changing, 29_950, exact_limit=10_000, use_gpu=False)
+    assert idx.ntotal == 29_900
+    idx.spec.params["nprobe"] = 1
+    found = idx.search(base[np.r_[0:100, 200:30_000]], 1)[1][:, 0]
+    assert (found == ids[np.r_[0:100, 200:30_000]]).mean() > 0.999
