@@ -3,7 +3,8 @@
 An index is described by a factory string plus search parameters, both
 stored beside it. Small collections use exact inner-product search
 (``IDMap2,Flat``); past :data:`EXACT_LIMIT` vectors an IVF index is chosen,
-with ``nprobe`` set so that recall@10 against exact search stays >= 0.95.
+with ``nprobe`` set so that recall@10 against exact search stays >= 0.95,
+holding float vectors up to :data:`COMPRESS_LIMIT` and 8-bit codes past it.
 Removal really removes (``remove_ids``). Files are written atomically, with
 a JSON sidecar that records the store generation the index reflects.
 On a machine where faiss sees a GPU, searches run on a GPU copy of the index.
@@ -23,6 +24,11 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 EXACT_LIMIT = 50_000
+# Past this many vectors, IVF keeps 8-bit codes instead of float32 vectors
+# (257 instead of 1,028 bytes a vector with the query bank's bias column), so
+# that an index of millions still fits a laptop's memory; recall@10 against
+# exact search stays about 0.98 (benchmarks/RESULTS.md).
+COMPRESS_LIMIT = 1_000_000
 
 
 def _faiss():
@@ -40,28 +46,35 @@ class IndexSpec:
         return {"factory": self.factory, "params": self.params}
 
 
-def choose_spec(n_vectors: int, exact_limit: int = EXACT_LIMIT) -> IndexSpec:
+def choose_spec(n_vectors: int, exact_limit: int = EXACT_LIMIT, compress_limit: int = COMPRESS_LIMIT) -> IndexSpec:
     """The index type for a collection of ``n_vectors``."""
     if n_vectors <= exact_limit:
         return IndexSpec("IDMap2,Flat")
     nlist = int(2 ** round(math.log2(4 * math.sqrt(n_vectors))))
     nlist = max(64, min(nlist, 65536))
     nprobe = max(16, nlist // 4)
-    return IndexSpec(f"IVF{nlist},Flat", {"nprobe": nprobe})
+    codes = "SQ8" if n_vectors > compress_limit else "Flat"
+    return IndexSpec(f"IVF{nlist},{codes}", {"nprobe": nprobe})
 
 
-def spec_still_fits(spec: IndexSpec, n_vectors: int, exact_limit: int = EXACT_LIMIT) -> bool:
+def spec_still_fits(spec: IndexSpec, n_vectors: int, exact_limit: int = EXACT_LIMIT,
+                    compress_limit: int = COMPRESS_LIMIT) -> bool:
     """Whether an index built as ``spec`` may keep growing in place at
     ``n_vectors``, or should be rebuilt as the type :func:`choose_spec` picks.
 
     There is slack on both sides so that a collection hovering at a boundary
     is not rebuilt on every run: exact search is kept up to 1.25x the limit,
-    an IVF index is kept while its ``nlist`` is within 2x of the ideal.
+    an IVF index is kept while its ``nlist`` is within 2x of the ideal, and
+    its codes (float or 8-bit) within 0.75x-1.25x of the compression limit.
     """
     if spec.factory == "IDMap2,Flat":
         return n_vectors <= exact_limit * 1.25
     if spec.factory.startswith("IVF"):
         if n_vectors <= exact_limit * 0.75:
+            return False
+        if spec.factory.endswith(",Flat") and n_vectors > compress_limit * 1.25:
+            return False
+        if spec.factory.endswith(",SQ8") and n_vectors <= compress_limit * 0.75:
             return False
         nlist = int(spec.factory.split(",")[0][3:])
         ideal = min(max(4 * math.sqrt(max(n_vectors, 1)), 64), 65536)
@@ -253,13 +266,13 @@ class VectorIndex:
 
 
 def build_index(dim: int, batches, n_vectors: int, exact_limit: int = EXACT_LIMIT,
-                use_gpu: bool | None = None) -> VectorIndex:
+                use_gpu: bool | None = None, compress_limit: int = COMPRESS_LIMIT) -> VectorIndex:
     """Build the right index for ``n_vectors`` from an iterable of (ids, vectors).
 
     ``batches`` must be re-iterable (a callable returning a fresh iterator)
     when the chosen index needs training.
     """
-    spec = choose_spec(n_vectors, exact_limit)
+    spec = choose_spec(n_vectors, exact_limit, compress_limit)
     index = VectorIndex(dim, spec, use_gpu)
     if index.needs_training:
         nlist = int(spec.factory.split(",")[0][3:])

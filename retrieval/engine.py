@@ -20,7 +20,7 @@ from indexer.pipeline import Indexer, IndexSummary
 from indexer.store import TOKEN_FILE_KEY, Store, StoreError
 from indexer.tokens import DEFAULT_FILE as TOKENS_DEFAULT_FILE
 from indexer.tokens import TokenStore
-from indexer.vectors import EXACT_LIMIT, VectorIndex, build_index, spec_still_fits
+from indexer.vectors import COMPRESS_LIMIT, EXACT_LIMIT, VectorIndex, build_index, spec_still_fits
 from reranker.base import ImageCandidate, Reranker, fuse, rerank_order
 
 from .captions import read_caption_file
@@ -115,12 +115,13 @@ def _record_image_side(store: Store, encoder: DualEncoder) -> None:
 
 class Engine:
     def __init__(self, index_dir: Path, store: Store, encoder: DualEncoder, reranker: Reranker | None = None,
-                 exact_limit: int = EXACT_LIMIT):
+                 exact_limit: int = EXACT_LIMIT, compress_limit: int = COMPRESS_LIMIT):
         self.index_dir = Path(index_dir)
         self.store = store
         self.encoder = encoder
         self.reranker = reranker
         self.exact_limit = exact_limit
+        self.compress_limit = compress_limit
         self._indexes: dict[str, VectorIndex] = {}
         self._lock = IndexLock(self.index_dir)
         # the model version the stored items were made with, where it is an
@@ -254,7 +255,8 @@ class Engine:
         if index.generation is None or index.generation > gen:
             return None
         changes = self.store.changes(name, index.generation, gen)
-        if changes is None or not spec_still_fits(index.spec, self._count(name), self.exact_limit):
+        if changes is None or not spec_still_fits(index.spec, self._count(name), self.exact_limit,
+                                                   self.compress_limit):
             return None
         added, touched = changes
         index.remove(touched)
@@ -284,7 +286,8 @@ class Engine:
                     break
             index = None
         if index is None:
-            index = build_index(self._index_dim(), lambda: self._stream(name), self._count(name), self.exact_limit)
+            index = build_index(self._index_dim(), lambda: self._stream(name), self._count(name), self.exact_limit,
+                                compress_limit=self.compress_limit)
             index.generation = gen
             self.store.set_meta(**{f"{name}_factory": index.spec.factory, f"{name}_params": index.spec.params})
         with self._lock.hold(wait=False) as writable:  # a writer elsewhere: its run writes the file

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from indexer.vectors import VectorIndex, build_index, choose_spec
+from indexer.vectors import VectorIndex, build_index, choose_spec, spec_still_fits
 
 
 def normed(n, d, seed=0, clusters=None):
@@ -76,6 +76,36 @@ def test_approximate_index_recall_at_10(clusters):
     want, _ = exact_topk(base, ids, q, 10)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, want)])
     assert recall >= 0.95, recall
+
+
+@pytest.mark.parametrize("clusters", [200, 1000])
+def test_compressed_index_recall_at_10_and_size(clusters):
+    """Past the compression limit IVF keeps 8-bit codes: a quarter of the
+    memory, recall@10 against exact search still >= 0.95 at the defaults.
+    (Limits lowered so the tier shows at test size.)"""
+    n, d = 25_000, 64
+    base = normed(n, d, seed=5, clusters=clusters)
+    ids = np.arange(n, dtype=np.int64) + 100
+    idx = build_index(d, batches_of(ids, base, 5000), n, exact_limit=5_000, compress_limit=20_000, use_gpu=False)
+    flat = build_index(d, batches_of(ids, base, 5000), n, exact_limit=5_000, use_gpu=False)
+    assert idx.spec.factory.endswith(",SQ8") and flat.spec.factory.endswith(",Flat") and idx.ntotal == n
+    import faiss
+
+    codes = faiss.extract_index_ivf(idx.index).code_size
+    assert codes == d and faiss.extract_index_ivf(flat.index).code_size == 4 * d  # one byte a dimension
+    q = normed(200, d, seed=6, clusters=clusters)
+    _, got = idx.search(q, 10)
+    want, _ = exact_topk(base, ids, q, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, want)])
+    assert recall >= 0.95, recall
+
+
+def test_index_tier_follows_the_collection_size():
+    assert choose_spec(1_000_000).factory == "IVF4096,Flat"
+    assert choose_spec(1_000_001).factory == "IVF4096,SQ8"
+    flat, sq8 = choose_spec(900_000), choose_spec(1_300_000)
+    assert spec_still_fits(flat, 1_200_000) and not spec_still_fits(flat, 1_300_000)  # grew: compress
+    assert spec_still_fits(sq8, 800_000) and not spec_still_fits(sq8, 700_000)  # shrank: back to floats
 
 
 def test_save_load_roundtrip(tmp_path):
