@@ -42,7 +42,7 @@ def main(n, device, rerank_k, n_queries, no_querybank, bias_std, as_json):
     from reranker.base import ImageCandidate
     from retrieval.encoders import create_encoder
     from retrieval.encoders.querybank import augment_items, augment_queries
-    from retrieval.engine import _own_reranker
+    from retrieval.engine import RESCORE_FACTOR, _own_reranker
 
     enc = create_encoder("xmr-lite2", device=device)
     d = enc.dim
@@ -100,7 +100,14 @@ def main(n, device, rerank_k, n_queries, no_querybank, bias_std, as_json):
         t = time.perf_counter()
         enc.encode_texts([q])
         qv = sv[None]
-        _, ids = index.search(query_vectors(qv), max(10, rerank_k))
+        want_n = max(10, rerank_k)
+        if index.exact_scores:
+            _, ids = index.search(query_vectors(qv), want_n)
+        else:  # as the engine does: more candidates from the 8-bit codes, re-scored from float vectors
+            _, cand = index.search(query_vectors(qv), want_n * RESCORE_FACTOR)
+            cand = cand[0][cand[0] >= 0]
+            exact_scores = exact.index.reconstruct_batch(cand) @ query_vectors(qv)[0]
+            ids = cand[np.argsort(-exact_scores, kind="stable")[:want_n]][None]
         if rr is not None:
             cands = [ImageCandidate(int(i), rng.normal(size=d).astype(np.float32),
                                     rng.normal(size=shape).astype(np.float16)) for i in ids[0][:rerank_k]]
@@ -115,6 +122,7 @@ def main(n, device, rerank_k, n_queries, no_querybank, bias_std, as_json):
         "vectors": n, "p50_ms": round(statistics.median(times), 2), "p95_ms": round(times[int(0.95 * (len(times) - 1))], 2),
         "rerank_k": rerank_k, "recall_at_10_vs_exact": round(float(np.mean(hits)), 4),
         "index_type": index.spec.factory, "params": index.spec.params, "build_s": round(build_s, 1),
+        "rescored_from": None if index.exact_scores else f"top {RESCORE_FACTOR} x",
         "device": device, "torch_threads": torch.get_num_threads(), "querybank": banked,
         "bias_std": bias_std if banked else None,
     }

@@ -107,6 +107,12 @@ class VectorIndex:
         return int(self.index.ntotal)
 
     @property
+    def exact_scores(self) -> bool:
+        """Whether search scores are exact (float vectors) rather than
+        estimated from 8-bit codes."""
+        return not self.spec.factory.endswith(",SQ8")
+
+    @property
     def needs_training(self) -> bool:
         return not self.index.is_trained
 

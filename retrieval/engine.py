@@ -41,6 +41,10 @@ PIXEL_RERANK_SIZE = 1024
 # A FAISS file is rewritten once this many changes (or 1% of its vectors) are
 # journaled past it; fewer are replayed by whoever loads it.
 SAVE_AFTER_CHANGES = 1000
+# An index of 8-bit codes (past COMPRESS_LIMIT vectors) recalls this many
+# times the candidates asked for, re-scored exactly from the float vectors in
+# SQLite (synthetic 1.5M: recall@10 vs exact 0.962 -> 1.0 for the top 40).
+RESCORE_FACTOR = 4
 # The token store is rewritten without dead slots (removed or re-embedded
 # images) once they outnumber the live ones and are at least this many.
 COMPACT_MIN_DEAD_SLOTS = 1000
@@ -519,6 +523,30 @@ class Engine:
         log.info("token store compacted: %d live slots kept, %d dead dropped (%s -> %s)", len(ids), dead,
                  old.name, name)
 
+    def _recall(self, name: str, query: np.ndarray, n: int, allowed: np.ndarray | None = None,
+                leave_out: int | None = None) -> tuple[list[int], np.ndarray, dict]:
+        """The top ``n`` of ``images`` or ``captions`` for one FAISS query
+        vector: (ids, recall scores, their store rows). Rows removed by another
+        process since the FAISS file was read are dropped, and so is
+        ``leave_out``. An index of 8-bit codes is asked for more candidates,
+        which are re-scored exactly from the stored float vectors."""
+        index = self._index(name)
+        fetch = n + (leave_out is not None)
+        if not index.exact_scores:
+            fetch *= RESCORE_FACTOR
+        scores, ids = index.search(query, fetch, allowed)
+        rows = (self.store.image_rows if name == "images" else self.store.caption_rows)(
+            ids[0][ids[0] >= 0].tolist())
+        found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if int(i) in rows and int(i) != leave_out]
+        if found and not index.exact_scores:
+            got = [i for i, _ in found]
+            vecs = np.stack([np.frombuffer(rows[i].embedding, np.float32) for i in got])
+            bias = np.array([np.nan if rows[i].bias is None else rows[i].bias for i in got], np.float32)
+            exact = self._gallery_vectors(name, vecs, bias) @ np.asarray(query, np.float32).reshape(-1)
+            found = [(got[j], float(exact[j])) for j in np.argsort(-exact, kind="stable")]
+        found = found[:n]
+        return [i for i, _ in found], np.array([s for _, s in found], np.float32), rows
+
     def _candidates(self, rows: dict, ids: list[int]) -> list[ImageCandidate]:
         """Reranker inputs for ``ids``, whose rows are already loaded."""
         toks = self._tokens(ids)
@@ -536,12 +564,7 @@ class Engine:
         allowed = self._allowed(under)
         if allowed is not None and len(allowed) == 0:
             return []
-        scores, ids = self._index("images").search(self._query_vectors(qvec), n, allowed)
-        rows = self.store.image_rows(ids[0][ids[0] >= 0].tolist())
-        # a row removed by another process since the FAISS file was read is dropped
-        found = [(int(i), s) for i, s in zip(ids[0], scores[0]) if int(i) in rows]
-        ids = [i for i, _ in found]
-        scores = np.array([s for _, s in found], np.float32)
+        ids, scores, rows = self._recall("images", self._query_vectors(qvec), n, allowed)
         ids, scores, final, head = self._rerank_head(
             ids, scores, rerank_k if use_rr else 0,
             lambda head_ids: self.reranker.score_text_images(query, qvec, self._candidates(rows, head_ids)))
@@ -573,10 +596,9 @@ class Engine:
             allowed = allowed[allowed != (q.id if q.id is not None else -1)]
             if len(allowed) == 0:
                 return []
-        scores, ids = self._index("images").search(self._query_vectors(q.embedding, corrected=False), k + 1, allowed)
-        pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0 and i != q.id][:k]
-        paths = {i: r.path for i, r in self.store.image_rows([i for i, _ in pairs]).items()}
-        return [ImageHit(r + 1, s, paths[i], i, s, False) for r, (i, s) in enumerate(pairs) if i in paths]
+        ids, scores, rows = self._recall("images", self._query_vectors(q.embedding, corrected=False), k, allowed,
+                                         leave_out=q.id if q.id is not None else -1)
+        return [ImageHit(r + 1, float(s), rows[i].path, i, float(s), False) for r, (i, s) in enumerate(zip(ids, scores))]
 
     def image_path(self, image_id: int) -> str | None:
         """Path of an indexed image, or None when the id is not in the index."""
@@ -598,10 +620,7 @@ class Engine:
         q = self._query_image(image_path)
         use_rr = rerank and self.reranker is not None and rerank_k > 0
         n = max(k, rerank_k) if use_rr else k
-        scores, ids = self._index("captions").search(self._query_vectors(q.embedding), n)
-        keep = ids[0] >= 0
-        ids, scores = ids[0][keep].tolist(), scores[0][keep]
-        rows = self.store.caption_rows(ids)
+        ids, scores, rows = self._recall("captions", self._query_vectors(q.embedding), n)
 
         def score(head_ids):
             embs = np.stack([np.frombuffer(rows[i].embedding, np.float32) for i in head_ids])

@@ -633,3 +633,29 @@ def test_an_index_from_before_the_image_side_record_upgrades_only_from_a_listed_
     Engine.open(tmp_path / "index", reranker="none", encoder=_Release("1")).close()
     assert Engine.open(tmp_path / "index", reranker="none",
                        encoder=_Release("1")).store.get_meta()["image_side"] == "img-1"
+
+
+def test_compressed_index_answers_like_exact_search(tmp_path):
+    """Past the compression limit the image index keeps 8-bit codes; recall
+    then re-scores a larger candidate set from the stored float vectors, so
+    text search and similar images return what exact search returns, with
+    the same scores. (Limits lowered: 300 images, IVF past 100, 8-bit past 200.)"""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "many"
+    for i in range(300):
+        make_image(root / f"{i:03d}.png", tuple(int(c) for c in rng.integers(0, 256, 3)), size=(8, 8), fmt="PNG")
+    answers = {}
+    for name, limits in {"exact": {}, "codes": {"exact_limit": 100, "compress_limit": 200}}.items():
+        engine = Engine.open(tmp_path / name, create=True, reranker="none", encoder=FakeEncoder())
+        for key, value in limits.items():
+            setattr(engine, key, value)
+        engine.index([root])
+        factory = engine.status()["index_type"]
+        assert factory.endswith(",SQ8") if limits else factory == "IDMap2,Flat"
+        hits = [engine.search(q, k=8, rerank=False) for q in ("red", "green blue", "white red")]
+        hits.append(engine.similar(root / "007.png", k=8))
+        answers[name] = [([h.id for h in hs], [h.score for h in hs]) for hs in hits]
+        engine.close()
+    for (ids, scores), (want_ids, want_scores) in zip(answers["codes"], answers["exact"]):
+        assert ids == want_ids and np.allclose(scores, want_scores, atol=1e-5)
+    assert 7 not in answers["codes"][-1][0]  # the query image is left out of its similar images
