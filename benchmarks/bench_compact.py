@@ -13,13 +13,13 @@ minutes embedding).
 from __future__ import annotations
 
 import json
-import resource
 import shutil
 import time
 from pathlib import Path
 
 import click
 import numpy as np
+from report import peak_rss_mb
 
 
 def _encoder():
@@ -85,7 +85,7 @@ def main(n, work, as_json):
         timing["seconds"] = time.perf_counter() - t0
 
     engine_mod.Engine._compact_tokens = timed
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_before = peak_rss_mb()
     eng.index([photos])
     index_dir = work / "index"
     files = sorted(p.name for p in index_dir.glob("tokens*.f16"))
@@ -96,7 +96,7 @@ def main(n, work, as_json):
         "token_files": files,
         "compact_s": round(timing.get("seconds", float("nan")), 2),
         "peak_rss_mb_before_second_run": round(rss_before),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "peak_rss_mb": round(peak_rss_mb()),
     }
     shutil.rmtree(work, ignore_errors=True)
     if as_json:

@@ -10,17 +10,12 @@ batches (already decoded): the ceiling the pipeline is compared against.
 from __future__ import annotations
 
 import os
-import resource
 import tempfile
 import time
 from pathlib import Path
 
 import click
-from report import emit
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+from report import emit, peak_rss_mb
 
 
 @click.command()
@@ -68,7 +63,7 @@ def main(images, device, model, limit, repeat, batch_size, processes, as_json):
     out = {
         "images": n, "indexed": summary.added, "seconds": round(seconds, 2),
         "images_per_s": round(summary.added / seconds, 2), "encoder_only_images_per_s": round(enc_rate, 2),
-        "peak_rss_mb": round(_peak_rss_mb(), 1), "device": device, "model": model,
+        "peak_rss_mb": round(peak_rss_mb(), 1), "device": device, "model": model,
         "image_backend": getattr(enc, "image_backend", "torch"), "decode_processes": processes, "views": list(getattr(enc, "views", ())),
         "torch_threads": torch.get_num_threads(),
     }

@@ -14,13 +14,12 @@ constant and measured by bench_index.py.
 from __future__ import annotations
 
 import os
-import resource
 import tempfile
 import time
 from pathlib import Path
 
 import click
-from report import emit
+from report import emit, peak_rss_mb
 
 
 def _null_encoder():
@@ -46,10 +45,6 @@ def _null_encoder():
     return NullEncoder()
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 @click.command()
 @click.option("--files", "n_files", type=int, default=100_000, show_default=True)
 @click.option("--per-folder", type=int, default=1000, show_default=True)
@@ -73,13 +68,13 @@ def main(n_files, per_folder, as_json):
             os.link(one, folder / f"photo-{i:07d}-from-a-trip-to-the-seaside.jpg")
         make_s = time.perf_counter() - t0
         engine = Engine.open(Path(tmp) / "index", reranker="none", encoder=_null_encoder())
-        rss_before = _peak_rss_mb()
+        rss_before = peak_rss_mb()
         t1 = time.perf_counter()
         summary = engine.index([root])
         seconds = time.perf_counter() - t1
         engine.close()
     out = {"files": n_files, "indexed": summary.added, "seconds": round(seconds, 1),
-           "files_per_s": round(summary.added / seconds, 1), "peak_rss_mb": round(_peak_rss_mb(), 1),
+           "files_per_s": round(summary.added / seconds, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
            "peak_rss_before_indexing_mb": round(rss_before, 1), "making_files_s": round(make_s, 1)}
     emit(out, as_json)
 

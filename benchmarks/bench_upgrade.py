@@ -12,13 +12,12 @@ image again (``bench_index.py``: about 70 images/s on the 2-core CPU).
 
 from __future__ import annotations
 
-import resource
 import tempfile
 import time
 from pathlib import Path
 
 import click
-from report import emit
+from report import emit, peak_rss_mb
 
 WORDS = ("a man woman dog child two black white red blue people girl boy wearing shirt running on the in of "
          "with at water grass street beach ball playing sitting standing near snow field").split()
@@ -63,7 +62,7 @@ def main(n_images, n_captions, model, as_json):
         assert out["upgraded"] and out["images"] == n_images and out["captions"] == n_captions, out
         index_type = engine._index("images").spec.factory
         engine.close()
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss = peak_rss_mb()
     emit({"images": n_images, "captions": n_captions, "model": enc.name, "store_fill_s": round(fill_s, 1),
           "upgrade_s": round(seconds, 1), "items_per_s": round((n_images + n_captions) / seconds, 1),
           "index_type": index_type, "peak_rss_mb": round(rss)}, as_json)

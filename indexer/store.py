@@ -114,13 +114,15 @@ def _migrate_2_to_3(conn) -> None:
 MIGRATIONS: dict[int, Callable] = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
 
 
-def _new_image_ids(session, paths: list[str], chunk: int = 900) -> list[int]:
-    """Ids of the image rows just written at ``paths`` (unique), in that order."""
-    by_path: dict[str, int] = {}
+def _rows_by_path(session, paths: list[str], *columns, chunk: int = 900) -> dict[str, tuple]:
+    """path -> ``columns`` of the image rows at those ``paths``, asked a chunk
+    of paths at a time (SQLite caps the number of bound parameters)."""
+    out = {}
     for i in range(0, len(paths), chunk):
-        q = select(ImageRow.path, ImageRow.id).where(ImageRow.path.in_(paths[i : i + chunk]))
-        by_path.update((p, int(image_id)) for p, image_id in session.execute(q))
-    return [by_path[p] for p in paths]
+        q = select(ImageRow.path, *columns).where(ImageRow.path.in_(paths[i : i + chunk]))
+        for path, *rest in session.execute(q):
+            out[path] = tuple(rest)
+    return out
 
 
 def _to_blob(vec: np.ndarray, dtype) -> bytes:
@@ -240,13 +242,9 @@ class Store:
 
     def states_of(self, paths: list[str], chunk: int = 900) -> dict[str, tuple[int, int, int, str]]:
         """path -> (id, size, mtime_ns, sha256) of those ``paths`` that are indexed."""
-        out = {}
         with self.session() as s:
-            for i in range(0, len(paths), chunk):
-                q = select(ImageRow.path, ImageRow.id, ImageRow.size, ImageRow.mtime_ns, ImageRow.sha256)
-                for path, *rest in s.execute(q.where(ImageRow.path.in_(paths[i : i + chunk]))):
-                    out[path] = tuple(rest)
-        return out
+            return _rows_by_path(s, paths, ImageRow.id, ImageRow.size, ImageRow.mtime_ns, ImageRow.sha256,
+                                 chunk=chunk)
 
     def iter_rows_under(self, prefixes: Iterable[str], batch: int = 10_000) -> Iterator[tuple[int, str, str]]:
         """Stream (id, path, sha256) of the images at any of these paths or
@@ -310,7 +308,9 @@ class Store:
                      "embedding": _to_blob(n["embedding"], np.float32), "token_slot": n.get("token_slot"),
                      "bias": None if n.get("bias") is None else float(n["bias"])}
                     for n in new])
-                ids = _new_image_ids(s, [n["path"] for n in new])
+                paths = [n["path"] for n in new]
+                by_path = _rows_by_path(s, paths, ImageRow.id)  # the new ids, in the order of ``new``
+                ids = [by_path[p][0] for p in paths]
             if new or gone or moved:
                 self.bump_generation(s, "images", added=ids, removed=gone)
         return ids

@@ -27,7 +27,8 @@ EXACT_LIMIT = 50_000
 # Past this many vectors, IVF keeps 8-bit codes instead of float32 vectors
 # (257 instead of 1,028 bytes a vector with the query bank's bias column), so
 # that an index of millions still fits a laptop's memory; recall@10 against
-# exact search stays about 0.98 (benchmarks/RESULTS.md).
+# exact search is 0.962 from the codes alone at 1.5M vectors, 1.0 once the
+# engine re-scores its candidates from the stored floats (benchmarks/RESULTS.md).
 COMPRESS_LIMIT = 1_000_000
 
 
@@ -44,6 +45,11 @@ class IndexSpec:
 
     def to_json(self) -> dict:
         return {"factory": self.factory, "params": self.params}
+
+    @property
+    def nlist(self) -> int:
+        """The number of inverted lists of an IVF spec ("IVF4096,Flat": 4096)."""
+        return int(self.factory.split(",")[0][3:])
 
 
 def choose_spec(n_vectors: int, exact_limit: int = EXACT_LIMIT, compress_limit: int = COMPRESS_LIMIT) -> IndexSpec:
@@ -76,9 +82,8 @@ def spec_still_fits(spec: IndexSpec, n_vectors: int, exact_limit: int = EXACT_LI
             return False
         if spec.factory.endswith(",SQ8") and n_vectors <= compress_limit * 0.75:
             return False
-        nlist = int(spec.factory.split(",")[0][3:])
         ideal = min(max(4 * math.sqrt(max(n_vectors, 1)), 64), 65536)
-        return ideal / 2 <= nlist <= ideal * 2
+        return ideal / 2 <= spec.nlist <= ideal * 2
     return False
 
 
@@ -281,8 +286,7 @@ def build_index(dim: int, batches, n_vectors: int, exact_limit: int = EXACT_LIMI
     spec = choose_spec(n_vectors, exact_limit, compress_limit)
     index = VectorIndex(dim, spec, use_gpu)
     if index.needs_training:
-        nlist = int(spec.factory.split(",")[0][3:])
-        want = min(n_vectors, max(nlist * 39, 20_000))
+        want = min(n_vectors, max(spec.nlist * 39, 20_000))
         sample, got = np.empty((want, dim), np.float32), 0  # filled in place: one copy, not two
         for _, vecs in batches():
             take = min(len(vecs), want - got)

@@ -597,7 +597,7 @@ class Engine:
             if len(allowed) == 0:
                 return []
         ids, scores, rows = self._recall("images", self._query_vectors(q.embedding, corrected=False), k, allowed,
-                                         leave_out=q.id if q.id is not None else -1)
+                                         leave_out=q.id)
         return [ImageHit(r + 1, float(s), rows[i].path, i, float(s), False) for r, (i, s) in enumerate(zip(ids, scores))]
 
     def image_path(self, image_id: int) -> str | None:
