@@ -473,6 +473,41 @@ def retune_reranker(model, dataset, images, out, epochs, lr, pool, limit):
     click.echo(json.dumps(info, indent=2))
 
 
+@cli.command("retune-text-head")
+@click.argument("model")
+@click.option("--dataset", required=True, type=click.Path(exists=True),
+              help="Flickr8k-layout folder or Karpathy-split JSON: train retunes, dev selects.")
+@click.option("--images", type=click.Path(exists=True, file_okay=False), help="Image folder (for a JSON dataset).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="New checkpoint folder to write.")
+@click.option("--epochs", type=click.IntRange(1, 1000), default=10, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--crops", type=click.IntRange(1, 64), default=6, show_default=True,
+              help="Random crops of each train image to learn against.")
+@click.option("--limit", type=click.IntRange(2, None), default=None, help="Use only the first N images of each split.")
+def retune_text_head(model, dataset, images, out, epochs, lr, crops, limit):
+    """Retune MODEL's text head against its fixed image side (random crops of
+    the train images as targets, the engine's text memory in the loop),
+    writing a copy of the checkpoint with the new head and query bank to
+    --out. Image vectors and region tokens stay valid: indexes built with
+    MODEL are brought up to the new model by `xmr upgrade`.
+    """
+    from .encoders import resolve_model
+    from .errors import CheckpointError
+    from .training.text_head import HeadOptions, retune_text_head_checkpoint
+
+    kind, location = resolve_model(model)
+    if kind != "xmr":
+        raise click.ClickException(f"{model}: only xmr checkpoints have a text head to retune "
+                                   "(give the checkpoint, not a variant)")
+    try:
+        info = retune_text_head_checkpoint(location, out, dataset, images,
+                                           HeadOptions(epochs=epochs, lr=lr, crops=crops), limit=limit,
+                                           progress_factory=_progress)
+    except (ValueError, CheckpointError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(info, indent=2))
+
+
 def main() -> None:
     cli(prog_name="xmr")
 

@@ -207,22 +207,23 @@ class XmrEncoder(DualEncoder):
             return f"torch ({self.device.type})"
         return self.backend
 
-    def _images(self, prepared: list, with_tokens: bool):
+    def _images(self, prepared: list, with_tokens: bool, views: tuple[str, ...] | None = None):
         """Sum of the views' normalised embeddings; tokens of the first view."""
         batch = np.stack(prepared)
+        views = views or self.views
         runner = self._onnx_path()
         if runner is not None:
             total, tokens = None, None
-            for n, (_, pixels) in enumerate(view_batches(batch, self.views)):
+            for n, (_, pixels) in enumerate(view_batches(batch, views)):
                 emb, tok = runner(pixels)
                 emb = l2_normalize(emb)
                 total = emb if total is None else total + emb
                 if n == 0 and with_tokens:
                     tokens = tok
             return total, tokens
-        return self._torch_images(batch, with_tokens)
+        return self._torch_images(batch, with_tokens, views)
 
-    def _torch_images(self, batch: np.ndarray, with_tokens: bool):
+    def _torch_images(self, batch: np.ndarray, with_tokens: bool, views: tuple[str, ...]):
         """The PyTorch path: each micro-batch crosses to the device once (from
         pinned memory on CUDA); its views are made there."""
         import torch
@@ -236,7 +237,7 @@ class XmrEncoder(DualEncoder):
                 px = px.pin_memory().to(self.device, non_blocking=True)
             total = None
             with torch.inference_mode(), self._autocast():
-                for n, (_, pixels) in enumerate(view_batches(px, self.views)):
+                for n, (_, pixels) in enumerate(view_batches(px, views)):
                     want_tokens = with_tokens and n == 0
                     emb, levels = self.model.image_forward(self.model.normalize_pixels(pixels),
                                                            with_regions=want_tokens)
@@ -257,6 +258,12 @@ class XmrEncoder(DualEncoder):
 
     def _embed_images(self, prepared: list) -> np.ndarray:
         return self._images(prepared, False)[0]
+
+    def encode_as_is(self, prepared: list) -> np.ndarray:
+        """Normalised embeddings of prepared squares as they are: one view,
+        not the model's test-time views (training targets of random crops)."""
+        return l2_normalize(self._images(prepared, False, views=("full",))[0]) if prepared else \
+            np.zeros((0, self.dim), np.float32)
 
     def encode_images_with_tokens(self, prepared: list):
         if self.reranker_model is None:

@@ -157,6 +157,10 @@ class XmrDualModel(nn.Module):
     def text_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """Token ids -> (embedding before normalisation, word states ``[B, L, H]``)."""
         hidden = self.text_tower(input_ids, attention_mask)
-        m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
-        return self.text_head(pooled), hidden
+        return self.text_head(mean_pool(hidden, attention_mask)), hidden
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the word states over real tokens: what the text head projects."""
+    m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)

@@ -48,10 +48,8 @@ def save_checkpoint(out_dir: str | os.PathLike, config: dict, dual=None, reranke
     if dual is not None:
         state = dual.state_dict()
         keys = dual.checkpoint_keys()
-        image = {k: state[k] for k in keys if not k.startswith("text_tower.")}
-        text = {k: state[k] for k in keys if k.startswith("text_tower.")}
-        _atomic_save(_pack(image), out / IMAGE_FILE)
-        _atomic_save(_pack(text), out / TEXT_FILE)
+        _atomic_save(_pack({k: state[k] for k in keys if not is_text_key(k)}), out / IMAGE_FILE)
+        _atomic_save(_pack({k: state[k] for k in keys if is_text_key(k)}), out / TEXT_FILE)
         meta["model"] = dual.config.to_dict()
     if reranker is not None:
         _atomic_save(_pack(reranker.state_dict()), out / RERANKER_FILE)
@@ -60,6 +58,41 @@ def save_checkpoint(out_dir: str | os.PathLike, config: dict, dual=None, reranke
     tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, out / CONFIG)
     return out
+
+
+def copy_checkpoint(src: str | os.PathLike, out: str | os.PathLike) -> dict:
+    """Copy the files of checkpoint ``src`` into the new folder ``out`` (refused
+    if it holds anything) and return the source's config."""
+    import shutil
+
+    src, out = Path(src), Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} exists and is not empty; give a new folder")
+    meta = read_config(src)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file():
+            shutil.copy2(f, out / f.name)
+    return meta
+
+
+def is_text_key(key: str) -> bool:
+    """Whether a dual-encoder weight belongs to the text side (text.safetensors).
+
+    Checkpoints written before the text head counted as text side keep it in
+    image.safetensors; a later text.safetensors that carries one (`xmr
+    retune-text-head`) replaces it at load time, so the image file, and with
+    it the image side's digest, stays byte for byte the same."""
+    return key.startswith(("text_tower.", "text_head."))
+
+
+def save_text_side(out_dir: str | os.PathLike, dual, config: dict) -> Path:
+    """Rewrite only text.safetensors (top text layers and the text head) and
+    merge ``config`` into config.json; the image file is not touched."""
+    out = Path(out_dir)
+    state = dual.state_dict()
+    _atomic_save(_pack({k: state[k] for k in dual.checkpoint_keys() if is_text_key(k)}), out / TEXT_FILE)
+    return save_checkpoint(out, config)
 
 
 REGION_PROJECTION = "level_proj."  # the reranker's part that makes the region tokens an index stores

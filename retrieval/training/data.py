@@ -79,3 +79,38 @@ def build_split(
         torch.from_numpy(pixels), ids, mask, torch.tensor(text_image, dtype=torch.long),
         captions, [r.filename for r in records],
     )
+
+
+def retuning_splits(dataset: str, images: str | None, limit: int | None) -> dict[str, list[ImageRecord]]:
+    """The train split (what a retuning learns on) and the dev split (what
+    selects), each cut to its first ``limit`` images when given."""
+    from ..datasets import load_dataset, split_records
+
+    records = load_dataset(dataset, images)
+    out = {}
+    for split in ("train", "dev"):
+        out[split] = split_records(records, split)[:limit] if limit else split_records(records, split)
+        if len(out[split]) < 2:
+            raise ValueError(f"the {split} split of {dataset} has {len(out[split])} images; retuning needs more")
+    return out
+
+
+class StepProgress:
+    """A progress bar over the steps of a training loop, opened at its first
+    step (after the evaluation of the starting weights); ``progress_factory``
+    None shows nothing."""
+
+    def __init__(self, progress_factory, label: str, epochs: int):
+        self.factory, self.label, self.epochs, self.bar = progress_factory, label, epochs, None
+
+    def __call__(self, epoch: int, step: int, steps: int, loss: float) -> None:
+        if self.factory is None:
+            return
+        if self.bar is None:
+            self.bar = self.factory(self.label, steps * self.epochs)
+        self.bar.update(1)
+        self.bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

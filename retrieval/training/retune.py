@@ -183,53 +183,28 @@ def retune_checkpoint(src, out, dataset: str, images: str | None = None, opts: R
                       limit: int | None = None, progress_factory=None) -> dict:
     """Copy checkpoint ``src`` to ``out``, retune its reranker on the dataset's
     train split (dev selects) and save it there with the chosen fusion weight."""
-    import shutil
-    from pathlib import Path
-
-    from ..datasets import load_dataset, split_records
     from ..encoders.xmr import XmrEncoder
     from ..errors import CheckpointError
     from . import checkpoint
-    from .data import load_pixels
+    from .data import StepProgress, load_pixels, retuning_splits
 
     opts = opts or RetuneOptions()
-    src, out = Path(src), Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} exists and is not empty; give a new folder")
-    meta = checkpoint.read_config(src)
-    if "reranker" not in meta:
+    if "reranker" not in checkpoint.read_config(src):
         raise CheckpointError(f"{src}: holds no reranker to retune")
-    out.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        if f.is_file():
-            shutil.copy2(f, out / f.name)
+    checkpoint.copy_checkpoint(src, out)
     enc = XmrEncoder.from_checkpoint(str(out))
-    records = load_dataset(dataset, images)
     feats = {}
-    for split in ("train", "dev"):
-        recs = split_records(records, split)[:limit] if limit else split_records(records, split)
-        if len(recs) < 2:
-            raise ValueError(f"the {split} split of {dataset} has {len(recs)} images; retuning needs more")
+    for split, recs in retuning_splits(dataset, images, limit).items():
         bar = progress_factory(f"features {split}", len(recs)) if progress_factory else None
         pixels = load_pixels([r.path for r in recs], enc.input_size)  # what enc.prepare makes of each
         feats[split] = engine_features(enc, pixels, [r.captions for r in recs],
                                        progress=bar.update if bar else None)
         if bar:
             bar.close()
-    bars = []  # opened at the first step, after the dev evaluation of the starting weights
-
-    def progress(epoch, b, steps, loss):
-        if progress_factory is None:
-            return
-        if not bars:
-            bars.append(progress_factory("retune", steps * opts.epochs))
-        bars[0].update(1)
-        bars[0].set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}")
-
+    progress = StepProgress(progress_factory, "retune", opts.epochs)
     t0 = time.time()
     result = retune(enc.reranker_model, feats["train"], feats["dev"], opts, progress)
-    for bar in bars:
-        bar.close()
+    progress.close()
     best = result["best"]
     summary = {"source": str(src), "dataset": str(dataset), "options": opts.to_dict(), "limit": limit,
                "views": list(enc.views), "image_backend": enc.image_backend,
