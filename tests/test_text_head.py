@@ -7,8 +7,8 @@ import torch
 from click.testing import CliRunner
 
 from retrieval.cli import cli
-from retrieval.encoders.memory import MemorySettings, expand_texts
-from retrieval.training.text_head import _expand, crop_box, random_crops
+from retrieval.encoders.memory import MemorySettings, expand_tensors, expand_texts
+from retrieval.training.text_head import crop_box, random_crops
 
 
 def test_crop_boxes_stay_inside_the_image_and_within_their_size():
@@ -35,7 +35,8 @@ def test_random_crops_are_reproducible_and_differ():
 
 def test_training_memory_equals_the_engines_text_memory():
     """The head learns with the text memory the engine applies at query time:
-    the differentiable copy gives the same vectors as memory.expand_texts."""
+    the tensor form it trains through gives memory.expand_texts' vectors, and
+    gradients reach the texts."""
     rng = np.random.default_rng(0)
 
     def unit(n, d=16):
@@ -47,9 +48,12 @@ def test_training_memory_equals_the_engines_text_memory():
     text_owner = rng.integers(0, 12, 30)
     memory = MemorySettings(0.3)
     want = expand_texts(texts, keys, images, key_owner, memory, exclude=text_owner)
-    got = _expand(torch.from_numpy(texts), torch.from_numpy(text_owner), torch.from_numpy(keys),
-                  torch.from_numpy(key_owner), torch.from_numpy(images), memory)
-    np.testing.assert_allclose(got.numpy(), want, atol=1e-5)
+    t = torch.from_numpy(texts).requires_grad_(True)
+    got = expand_tensors(t, torch.from_numpy(keys), torch.from_numpy(images), torch.from_numpy(key_owner), memory,
+                         torch.from_numpy(text_owner))
+    np.testing.assert_allclose(got.detach().numpy(), want, atol=1e-5)
+    got.sum().backward()
+    assert t.grad is not None and torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
 
 
 def test_retune_text_head_keeps_the_image_side_and_can_be_upgraded_to(tmp_path, flickr8k):

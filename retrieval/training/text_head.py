@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..encoders.memory import expand_tensors
 from ..encoders.querybank import QueryBank
 from ..metrics import retrieval_report
 from .calibrate import corrected_scores
@@ -153,17 +154,6 @@ def evaluate(head, data: HeadData, like: QueryBank | None) -> dict:
     return retrieval_report(i2t, data.dev_owner, sim_t2i=t2i)
 
 
-def _expand(t: torch.Tensor, owner: torch.Tensor, keys: torch.Tensor, key_owner: torch.Tensor,
-            images: torch.Tensor, memory) -> torch.Tensor:
-    """The text memory of ``memory.py``, differentiable in ``t``: captions of
-    a text's own image do not vote."""
-    sims = (t @ keys.T).masked_fill(owner[:, None] == key_owner[None, :], -1e4)
-    top, idx = torch.topk(sims, min(memory.k, len(key_owner)), dim=1)
-    w = torch.softmax(memory.temperature * top, dim=1)
-    mem = F.normalize(torch.einsum("nk,nkd->nd", w, images[key_owner[idx]]), dim=1)
-    return F.normalize(t + memory.weight * mem, dim=1)
-
-
 def retune_head(head: torch.nn.Linear, data: HeadData, like: QueryBank | None, logit_scale: float,
                 opts: HeadOptions, progress=None) -> dict:
     """Train ``head`` in place; keeps the epoch with the best dev rsum (epoch 0:
@@ -176,7 +166,7 @@ def retune_head(head: torch.nn.Linear, data: HeadData, like: QueryBank | None, l
     bank_images = torch.from_numpy(np.ascontiguousarray(data.bank_images, np.float32))
     key_owner = data.train_owner[data.bank_rows]
     stale = _embed(head, data.train_pooled)  # every train caption as last embedded
-    stale_expanded = (_expand(stale, data.train_owner, stale[data.bank_rows], key_owner, bank_images, memory)
+    stale_expanded = (expand_tensors(stale, stale[data.bank_rows], bank_images, key_owner, memory, data.train_owner)
                       if memory else stale.clone())
     opt = torch.optim.AdamW(head.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     steps = max(1, n_txt // opts.batch_size)
@@ -194,7 +184,7 @@ def retune_head(head: torch.nn.Linear, data: HeadData, like: QueryBank | None, l
             idx = perm[b * opts.batch_size : (b + 1) * opts.batch_size]
             own = data.train_owner[idx]
             raw = F.normalize(head(data.train_pooled[idx]), dim=-1)
-            t = _expand(raw, own, stale[data.bank_rows], key_owner, bank_images, memory) if memory else raw
+            t = expand_tensors(raw, stale[data.bank_rows], bank_images, key_owner, memory, own) if memory else raw
             gallery = data.targets[torch.arange(n_img), torch.randint(0, n_crops, (n_img,), generator=gen)]
             loss = F.cross_entropy(logit_scale * t @ gallery.T, own)  # caption -> every train image
             # image -> every train caption: this batch's fresh, the rest as last embedded
