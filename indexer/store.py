@@ -34,7 +34,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from .walk import outermost
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 TOKEN_FILE_KEY = "tokens_file"  # meta: the token store's current file (absent: tokens.f16)
 
 
@@ -76,7 +76,8 @@ class CaptionRow(Base):
     image_name: Mapped[str | None]
     embedding: Mapped[bytes] = mapped_column(LargeBinary)
     bias: Mapped[float | None]
-    __table_args__ = (Index("ix_captions_source", "source"),)
+    # duplicate checks of an import ask for (source, text) a batch at a time
+    __table_args__ = (Index("ix_captions_source_text", "source", "text"),)
 
 
 class ChangeRow(Base):
@@ -109,9 +110,17 @@ def _migrate_2_to_3(conn) -> None:
     would look for tokens.f16 only, from opening such an index."""
 
 
+def _migrate_3_to_4(conn) -> None:
+    """Schema 4: captions indexed by (source, text), so an import checks a batch
+    for duplicates without loading every caption of its file (the index on
+    source alone is covered by it)."""
+    conn.execute(text("CREATE INDEX IF NOT EXISTS ix_captions_source_text ON captions (source, text)"))
+    conn.execute(text("DROP INDEX IF EXISTS ix_captions_source"))
+
+
 # Ordered migrations: MIGRATIONS[v](connection) upgrades a store at schema
 # version v to v + 1.
-MIGRATIONS: dict[int, Callable] = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
+MIGRATIONS: dict[int, Callable] = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _migrate_3_to_4}
 
 
 def _rows_by_path(session, paths: list[str], *columns, chunk: int = 900) -> dict[str, tuple]:
@@ -447,11 +456,19 @@ class Store:
         with self.session() as s:
             return s.scalar(select(func.count(CaptionRow.id))) or 0
 
-    def existing_captions(self, source: str) -> set[tuple[str | None, str]]:
-        """(image name, text) pairs already imported from ``source``."""
+    def new_captions(self, source: str, pairs: Iterable[tuple[str | None, str]],
+                     chunk: int = 900) -> list[tuple[str | None, str]]:
+        """The ``(image name, text)`` pairs not yet imported from ``source``,
+        each once, in the order given (asked a chunk of texts at a time)."""
+        pairs = list(dict.fromkeys(pairs))
+        texts = list(dict.fromkeys(t for _, t in pairs))
+        have = set()
         with self.session() as s:
-            q = select(CaptionRow.image_name, CaptionRow.text).where(CaptionRow.source == source)
-            return {(n, t) for n, t in s.execute(q)}
+            for i in range(0, len(texts), chunk):
+                q = select(CaptionRow.image_name, CaptionRow.text).where(
+                    CaptionRow.source == source, CaptionRow.text.in_(texts[i : i + chunk]))
+                have.update((n, t) for n, t in s.execute(q))
+        return [p for p in pairs if p not in have]
 
     def add_captions(self, rows: list[tuple[str | None, str]], vectors: np.ndarray, source: str,
                      biases: np.ndarray | None = None) -> int:

@@ -2,13 +2,14 @@
 (image,caption) and plain text (one caption a line).
 
 Each parser yields ``(image_name_or_None, caption)`` and reports malformed
-lines through ``on_bad(where, reason)`` instead of failing.
+lines through ``on_bad(where, reason)`` instead of failing. Files are read
+as a stream (:class:`CaptionFile`), so importing a large collection holds one
+batch of captions in memory, not the file.
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -67,63 +68,208 @@ def detect_format(path: Path, head: str) -> str:
     return "text"
 
 
+FORMATS = ("flickr", "karpathy", "csv", "text")
+_READ_CHUNK = 1 << 20
+MAX_JSON_ENTRY_CHARS = 64 << 20  # one entry of a JSON file's images list
+MAX_LINE_CHARS = 16 << 20
+
+
+class CaptionFile:
+    """A caption file read as a stream: memory stays flat whatever its size.
+
+    :meth:`count` reads it once to check it and count its captions;
+    :meth:`entries` yields them, each call a new pass over the file. The
+    format is detected from the name and the first lines unless given.
+    """
+
+    def __init__(self, path: str | os.PathLike, fmt: str = "auto"):
+        self.path = Path(path)
+        if fmt != "auto" and fmt not in FORMATS:
+            raise CaptionFileError(f"unknown caption format {fmt!r}; choose auto, {', '.join(FORMATS)}")
+        with self._open() as f:
+            head = f.read(4096)
+        self.format = detect_format(self.path, head) if fmt == "auto" else fmt
+
+    def _open(self):
+        try:
+            return self.path.open(encoding="utf-8-sig", errors="replace", newline="")
+        except OSError as exc:
+            raise CaptionFileError(f"{self.path}: cannot read ({exc.strerror or exc})") from None
+
+    def _chunks(self, f) -> Iterator[str]:
+        """The file's text in pieces, refusing a binary file."""
+        while True:
+            try:
+                piece = f.read(_READ_CHUNK)
+            except OSError as exc:
+                raise CaptionFileError(f"{self.path}: cannot read ({exc.strerror or exc})") from None
+            if not piece:
+                return
+            if "\x00" in piece:
+                raise CaptionFileError(f"{self.path}: binary file, not captions (expected text, CSV or JSON)")
+            yield piece
+
+    def _lines(self, f) -> Iterator[str]:
+        """Lines split at "\\n" and kept whole (a CSV field may hold a "\\r")."""
+        rest = ""
+        for piece in self._chunks(f):
+            lines = (rest + piece).split("\n")
+            rest = lines.pop()
+            if len(rest) > MAX_LINE_CHARS:
+                raise CaptionFileError(f"{self.path}: a line longer than {MAX_LINE_CHARS >> 20} M characters; "
+                                       "not a caption file")
+            yield from (ln + "\n" for ln in lines)
+        if rest:
+            yield rest
+
+    def count(self) -> tuple[int, int]:
+        """(captions, malformed entries) in the file; raises
+        :class:`CaptionFileError` when it cannot be read as its format."""
+        bad = [0]
+
+        def note(where, reason):
+            bad[0] += 1
+
+        return sum(1 for _ in self.entries(note)), bad[0]
+
+    def entries(self, on_bad: BadLine = _ignore) -> Iterator[tuple[str | None, str]]:
+        """``(image name or None, caption)`` of each good entry, in file order;
+        malformed ones are reported through ``on_bad``."""
+        with self._open() as f:
+            if self.format == "flickr":
+                yield from parse_flickr_token_lines(self._lines(f), on_bad)
+            elif self.format == "karpathy":
+                yield from _parse_karpathy(self.path, self._chunks(f), on_bad)
+            elif self.format == "csv":
+                yield from _parse_csv(self._lines(f), on_bad)
+            else:
+                # any line break ends a line of plain text, "\\r" alone too
+                yield from _parse_text((part for ln in self._lines(f) for part in ln.splitlines()), on_bad)
+
+
 def read_caption_file(
     path: str | os.PathLike, fmt: str = "auto", on_bad: BadLine = _ignore
 ) -> list[tuple[str | None, str]]:
-    """All captions of a file as ``(image name or None, caption)`` pairs."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise CaptionFileError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    text = raw.decode("utf-8", errors="replace")
-    if "\x00" in text:
-        raise CaptionFileError(f"{path}: binary file, not captions (expected text, CSV or JSON)")
-    if fmt == "auto":
-        fmt = detect_format(path, text[:4096])
-    if fmt == "flickr":
-        return list(parse_flickr_token_lines(io.StringIO(text), on_bad))
-    if fmt == "karpathy":
-        return _parse_karpathy(path, text, on_bad)
-    if fmt == "csv":
-        return list(_parse_csv(text, on_bad))
-    if fmt == "text":
-        out = []
-        for no, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            cap = clean_caption(line)
-            if cap is None:
-                on_bad(f"line {no}", caption_problem(line))
-                continue
-            out.append((None, cap))
-        return out
-    raise CaptionFileError(f"unknown caption format {fmt!r}; choose auto, flickr, karpathy, csv or text")
+    """All captions of a file as ``(image name or None, caption)`` pairs (in
+    memory; :class:`CaptionFile` streams them)."""
+    return list(CaptionFile(path, fmt).entries(on_bad))
 
 
-def _parse_karpathy(path: Path, text: str, on_bad: BadLine) -> list[tuple[str | None, str]]:
+def _parse_text(lines: Iterable[str], on_bad: BadLine) -> Iterator[tuple[None, str]]:
+    for no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        cap = clean_caption(line)
+        if cap is None:
+            on_bad(f"line {no}", caption_problem(line))
+            continue
+        yield None, cap
+
+
+def _json_list_items(chunks: Iterator[str], key: str) -> Iterator:
+    """The items of the list under ``key`` of a JSON object read piece by piece,
+    one item in memory at a time (the object's other values are parsed and
+    dropped). Raises ``ValueError`` on malformed JSON, ``KeyError`` without ``key``."""
+    decoder = json.JSONDecoder()
+    state = {"buf": "", "pos": 0, "eof": False}
+
+    def more() -> bool:
+        piece = next(chunks, "")
+        if not piece:
+            state["eof"] = True
+            return False
+        state["buf"] = state["buf"][state["pos"] :] + piece
+        state["pos"] = 0
+        return True
+
+    def peek() -> str:
+        """The next character that is not whitespace ('' at the end), not consumed."""
+        while True:
+            buf, pos = state["buf"], state["pos"]
+            while pos < len(buf) and buf[pos] in " \t\n\r":
+                pos += 1
+            state["pos"] = pos
+            if pos < len(buf) or not more():
+                return state["buf"][state["pos"] : state["pos"] + 1]
+
+    def take(allowed: str) -> str:
+        c = peek()
+        if not c or c not in allowed:
+            raise ValueError(f"expected one of {allowed!r}, found {c or 'the end of the file'!r}")
+        state["pos"] += 1
+        return c
+
+    def value():
+        peek()
+        while True:
+            try:
+                obj, end = decoder.raw_decode(state["buf"], state["pos"])
+            except json.JSONDecodeError as exc:
+                obj, end, error = None, None, exc
+            # a number may go on past the text read so far ("1" of "12", "1" of "1.5")
+            cut = (end is not None and not state["eof"] and isinstance(obj, (int, float))
+                   and not state["buf"][end:].lstrip("0123456789.eE+-"))
+            if end is not None and not cut:
+                state["pos"] = end
+                return obj
+            if len(state["buf"]) - state["pos"] > MAX_JSON_ENTRY_CHARS:
+                raise ValueError(f"an entry longer than {MAX_JSON_ENTRY_CHARS >> 20} M characters")
+            if not more():
+                if end is None:
+                    raise error
+                state["pos"] = end
+                return obj
+
+    take("{")
+    found = False
+    if peek() == "}":
+        state["pos"] += 1
+    else:
+        while True:
+            name = value()
+            if not isinstance(name, str):
+                raise ValueError("object keys must be strings")
+            take(":")
+            if name == key:
+                found = True
+                take("[")
+                if peek() == "]":
+                    state["pos"] += 1
+                else:
+                    while True:
+                        yield value()
+                        if take(",]") == "]":
+                            break
+            else:
+                value()
+            if take(",}") == "}":
+                break
+    if peek():
+        raise ValueError("extra data after the JSON object")
+    if not found:
+        raise KeyError(key)
+
+
+def _parse_karpathy(path: Path, chunks: Iterator[str], on_bad: BadLine) -> Iterator[tuple[str | None, str]]:
     """Captions of a Karpathy-split JSON; a refused caption is reported by its
     image's entry in ``images``."""
     try:
-        images = json.loads(text)["images"]
-        out = []
-        for no, item in enumerate(images):
+        for no, item in enumerate(_json_list_items(chunks, "images")):
             for s in item.get("sentences", []):
                 raw = str(s.get("raw", ""))
                 cap = clean_caption(raw)
                 if cap:
-                    out.append((str(item["filename"]), cap))
+                    yield str(item["filename"]), cap
                 else:
                     on_bad(f"images[{no}] ({item['filename']})", caption_problem(raw))
-        return out
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CaptionFileError(
             f"{path}: not a Karpathy-split JSON (needs images[].filename and images[].sentences[].raw): {exc}"
         ) from None
 
 
-def _parse_csv(text: str, on_bad: BadLine) -> Iterator[tuple[str | None, str]]:
-    rows = csv.reader(io.StringIO(text))
+def _parse_csv(lines: Iterable[str], on_bad: BadLine) -> Iterator[tuple[str | None, str]]:
+    rows = csv.reader(lines)
     for no, row in enumerate(rows, 1):
         if not row or not any(c.strip() for c in row):
             continue

@@ -218,7 +218,7 @@ def captions_import(ctx, file, fmt):
     def on_total(n):
         nonlocal bar
         if n:
-            bar = _progress("embedding captions", n, unit="caption")
+            bar = _progress("importing captions", n, unit="caption")
 
     result = engine.import_captions(file, fmt, on_bad, progress=lambda n: bar.update(n) if bar else None,
                                     on_total=on_total)

@@ -7,9 +7,10 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from indexer.tokens import TokenStore
 from indexer.vectors import COMPRESS_LIMIT, EXACT_LIMIT, VectorIndex, build_index, spec_still_fits
 from reranker.base import ImageCandidate, Reranker, fuse, rerank_order
 
-from .captions import read_caption_file
+from .captions import CaptionFile
 from .encoders import DEFAULT_MODEL, DualEncoder, create_encoder
 from .encoders.querybank import augment_items, augment_queries
 from .errors import (CaptionFileError, ImageUnusable, IndexNeedsUpgrade, IndexNotFound, IndexUnusable, ModelMismatch,
@@ -376,44 +377,47 @@ class Engine:
     def import_captions(self, path: str | os.PathLike, fmt: str = "auto",
                         on_bad: Callable[[str, str], None] | None = None, progress: Callable | None = None,
                         on_total: Callable | None = None) -> dict:
-        """Import a caption file; ``on_bad(where, reason)`` hears of each entry
-        skipped as malformed (``where``: "line 3", or "images[2] (a.jpg)" in JSON);
-        ``on_total(n)`` of the number of new captions to embed, ``progress(n)``
-        of each batch embedded."""
-        bad: list[tuple[str, str]] = []
+        """Import a caption file, streamed a batch at a time (memory does not
+        grow with the file); ``on_bad(where, reason)`` hears of each entry
+        skipped as malformed (``where``: "line 3", or "images[2] (a.jpg)" in
+        JSON); ``on_total(n)`` of the number of captions in the file,
+        ``progress(n)`` of each batch done (embedded, or skipped as already
+        there). The file is read through once first, so one that turns out
+        unreadable halfway is refused before anything is imported; each batch
+        is committed as it goes, so an interrupted import keeps what it did and
+        the same command finishes it."""
+        file = CaptionFile(path, fmt)
+        n_good, n_bad = file.count()
+        if not n_good and not n_bad:
+            raise CaptionFileError(f"{path}: no captions found")
+        bad = [0]
 
         def note(where, reason):
-            bad.append((where, reason))
+            bad[0] += 1
             if on_bad:
                 on_bad(where, reason)
 
-        pairs = read_caption_file(path, fmt, note)
-        if not pairs and not bad:
-            raise CaptionFileError(f"{path}: no captions found")
         with self._writing():
-            return self._add_captions(path, pairs, len(bad), progress, on_total)
+            imported = self._add_captions(path, file.entries(note), n_good, progress, on_total)
+        return {"imported": imported, "duplicates": n_good - imported, "malformed": bad[0],
+                "total": self.store.count_captions()}
 
-    def _add_captions(self, path, pairs: list, n_bad: int, progress: Callable | None,
-                      on_total: Callable | None) -> dict:
+    def _add_captions(self, path, pairs: Iterable, n_pairs: int, progress: Callable | None,
+                      on_total: Callable | None, batch: int = 256) -> int:
         source = str(Path(path).resolve())
-        have = self.store.existing_captions(source)
-        fresh, seen = [], set()
-        for name, caption in pairs:
-            if (name, caption) in have or (name, caption) in seen:
-                continue
-            seen.add((name, caption))
-            fresh.append((name, caption))
         if on_total:
-            on_total(len(fresh))
-        for s in range(0, len(fresh), 256):
-            chunk = fresh[s : s + 256]
-            vecs, biases = self._caption_vectors([c for _, c in chunk])
-            self.store.add_captions(chunk, vecs, source, biases)
+            on_total(n_pairs)
+        imported = 0
+        for chunk in _batched(pairs, batch):
+            fresh = self.store.new_captions(source, chunk)
+            if fresh:
+                vecs, biases = self._caption_vectors([c for _, c in fresh])
+                self.store.add_captions(fresh, vecs, source, biases)
+                imported += len(fresh)
             if progress:
                 progress(len(chunk))
         self._index("captions")
-        return {"imported": len(fresh), "duplicates": len(pairs) - len(fresh), "malformed": n_bad,
-                "total": self.store.count_captions()}
+        return imported
 
     def _caption_vectors(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
         """(stored vectors, query-bank biases or None) of gallery captions."""
@@ -716,3 +720,10 @@ def _own_reranker(enc: DualEncoder) -> Reranker | None:
     from reranker.xmr import XmrReranker
 
     return XmrReranker(model, enc.text_states, enc.fusion_weight)
+
+
+def _batched(items: Iterable, n: int) -> Iterator[list]:
+    """Lists of ``n`` consecutive items (the last may be shorter)."""
+    it = iter(items)
+    while batch := list(islice(it, n)):
+        yield batch

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from retrieval.engine import Engine
-from retrieval.errors import ModelMismatch, QueryError
+from retrieval.errors import CaptionFileError, ModelMismatch, QueryError
 
 from .conftest import make_image
 from .fakes import COLORS, FakeEncoder
@@ -331,6 +331,27 @@ def test_nonsense_queries_are_refused(tmp_path, photos):
     with pytest.raises(QueryError):
         eng.search("red", k=0)
     assert len(eng.search("@@@ ### ???", k=3)) == 3
+
+
+def test_caption_import_streams_in_batches_and_refuses_a_broken_file_whole(tmp_path, photos):
+    eng = open_engine(tmp_path)
+    caps = tmp_path / "caps.txt"
+    lines = [f"red.jpg#{i}\tcaption number {i}" for i in range(300)]
+    caps.write_text("\n".join(lines + lines[::-1] + ["red.jpg#x\tcaption number 7"]) + "\n")
+    totals, done = [], []
+    res = eng.import_captions(caps, progress=done.append, on_total=totals.append)
+    # the repeats in later batches are found in the database, not in a set of the whole file
+    assert (res["imported"], res["duplicates"], res["total"]) == (300, 301, 300)
+    assert totals == [601] and done == [256, 256, 89]
+    assert sorted(r.text for r in eng.store.caption_rows(range(1, 400)).values()) == sorted(
+        f"caption number {i}" for i in range(300))
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"images": [' + ", ".join(
+        f'{{"filename": "red.jpg", "sentences": [{{"raw": "new caption {i}"}}]}}' for i in range(600)))
+    with pytest.raises(CaptionFileError, match="Karpathy"):
+        eng.import_captions(broken)
+    assert eng.store.count_captions() == 300  # nothing of it was imported before the end showed it broken
+    assert eng.import_captions(caps)["imported"] == 0
 
 
 def test_captions_import_formats_and_lookup(tmp_path, photos):

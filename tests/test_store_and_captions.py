@@ -24,12 +24,12 @@ def test_migrations_run_in_order(tmp_path):
         Store(db, schema_version=2)
 
 
-def test_schema_2_index_opens_as_3(tmp_path):
+def test_schema_2_index_opens_as_current(tmp_path):
     from indexer.store import SCHEMA_VERSION
 
     db = tmp_path / "x.db"
     Store(db, schema_version=2).close()
-    assert SCHEMA_VERSION == 3 and Store(db).get_meta()["schema_version"] == "3"
+    assert SCHEMA_VERSION == 4 and Store(db).get_meta()["schema_version"] == "4"
 
 
 V1_SCHEMA = """
@@ -55,7 +55,7 @@ def test_a_schema_1_index_is_migrated_without_losing_rows(tmp_path):
     con.commit()
     con.close()
     st = Store(db)
-    assert st.get_meta()["schema_version"] == "3"
+    assert st.get_meta()["schema_version"] == "4"
     ids, vecs, bias = next(st.iter_vectors("images", 4))
     assert ids.tolist() == [7] and np.array_equal(vecs[0], vec) and np.isnan(bias[0])
     assert next(st.iter_vectors("captions", 4))[0].tolist() == [1]
@@ -169,3 +169,75 @@ def test_token_store_append_get_and_torn_write(tmp_path):
         TokenStore(tmp_path, (3, 5))
     with pytest.raises(KeyError):
         ts.get([9])
+
+
+def test_karpathy_json_is_streamed_across_any_chunk_boundary(tmp_path, monkeypatch):
+    import json
+
+    import retrieval.captions as captions
+
+    doc = {"dataset": {"name": "x", "sizes": [1, 22, 333]}, "version": 1.25,
+           "images": [{"filename": f"im{i}.jpg", "split": "test", "imgid": 10 ** i,
+                       "sentences": [{"raw": f"caption {i} {j} \u00e9t\u00e9", "tokens": ["a"]} for j in range(2)]}
+                      for i in range(6)],
+           "tail": None}
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps(doc, indent=1, ensure_ascii=False), encoding="utf-8")
+    want = [(f"im{i}.jpg", f"caption {i} {j} \u00e9t\u00e9") for i in range(6) for j in range(2)]
+    for size in (1, 2, 3, 7, 64, 1 << 20):  # every value split at some boundary, numbers included
+        monkeypatch.setattr(captions, "_READ_CHUNK", size)
+        assert read_caption_file(f) == want, size
+    monkeypatch.setattr(captions, "_READ_CHUNK", 5)
+    f.write_text('{"images": []}')
+    assert read_caption_file(f) == []
+    for broken, why in [('{"images": [{"filename": "a.jpg", "sentences": [{"raw": "x"}]}', "expected"),
+                        ('{"images": [{"filename": "a.jpg"}] } trailing', "extra data"),
+                        ('{"dataset": "flickr"}', "images"), ('["images"]', "expected"), ("", "expected")]:
+        f.write_text(broken)
+        with pytest.raises(CaptionFileError, match=why):
+            read_caption_file(f)
+
+
+def test_line_formats_stream_with_any_line_ending(tmp_path, monkeypatch):
+    import retrieval.captions as captions
+
+    monkeypatch.setattr(captions, "_READ_CHUNK", 3)
+    f = tmp_path / "c.txt"
+    f.write_bytes("\ufeffa red car\r\nblue sky\rgreen grass\n\nlast one".encode())
+    assert read_caption_file(f, "text") == [(None, c) for c in ("a red car", "blue sky", "green grass", "last one")]
+    f.write_bytes(b'image,caption\r\na.jpg,"two\r\nlines"\r\nb.jpg,plain\r\n')
+    assert read_caption_file(f, "csv") == [("a.jpg", "two lines"), ("b.jpg", "plain")]
+    f.write_bytes(b"a.jpg#0\tA dog .\r\nb.jpg#1\tA cat .")
+    assert read_caption_file(f) == [("a.jpg", "A dog ."), ("b.jpg", "A cat .")]
+    monkeypatch.setattr(captions, "MAX_LINE_CHARS", 50)
+    f.write_text("x" * 200)
+    with pytest.raises(CaptionFileError, match="line longer"):
+        read_caption_file(f)
+    f.write_bytes(b"fine line\n" * 5 + b"\x00\x01 binary later")
+    with pytest.raises(CaptionFileError, match="binary"):
+        read_caption_file(f)
+
+
+def test_schema_3_index_gets_the_duplicate_check_index(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "x.db"
+    Store(db, schema_version=3, migrations={}).close()
+    con = sqlite3.connect(db)  # as schema 3 made it: captions indexed by source alone
+    con.execute("DROP INDEX ix_captions_source_text")
+    con.execute("CREATE INDEX ix_captions_source ON captions (source)")
+    con.commit()
+    con.close()
+    st = Store(db)
+    st.add_captions([("a.jpg", "one"), (None, "two")], np.eye(2, 4, dtype=np.float32), "src.txt")
+    assert st.new_captions("src.txt", [("a.jpg", "one"), ("b.jpg", "one"), (None, "two"), ("b.jpg", "one")]) \
+        == [("b.jpg", "one")]
+    assert st.new_captions("other.txt", [(None, "two")]) == [(None, "two")]
+    st.close()
+    con = sqlite3.connect(db)
+    names = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    plan = " ".join(r[-1] for r in con.execute(
+        "EXPLAIN QUERY PLAN SELECT image_name, text FROM captions WHERE source = 's' AND text IN ('a', 'b')"))
+    con.close()
+    assert "ix_captions_source_text" in names and "ix_captions_source" not in names
+    assert "ix_captions_source_text" in plan
