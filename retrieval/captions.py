@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -72,6 +73,10 @@ FORMATS = ("flickr", "karpathy", "csv", "text")
 _READ_CHUNK = 1 << 20
 MAX_JSON_ENTRY_CHARS = 64 << 20  # one entry of a JSON file's images list
 MAX_LINE_CHARS = 16 << 20
+# control characters and undecodable bytes: a text file has next to none (a
+# legacy 8-bit encoding turns a few accented letters into U+FFFD); binary data
+# has many, and a tenth of a piece of the file is refused as binary
+_NOT_TEXT = re.compile("[\x00-\x08\x0e-\x1f\x7f\ufffd]")
 
 
 class CaptionFile:
@@ -105,7 +110,7 @@ class CaptionFile:
                 raise CaptionFileError(f"{self.path}: cannot read ({exc.strerror or exc})") from None
             if not piece:
                 return
-            if "\x00" in piece:
+            if "\x00" in piece or (len(piece) >= 64 and len(_NOT_TEXT.findall(piece)) > 0.1 * len(piece)):
                 raise CaptionFileError(f"{self.path}: binary file, not captions (expected text, CSV or JSON)")
             yield piece
 

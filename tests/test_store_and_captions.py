@@ -241,3 +241,15 @@ def test_schema_3_index_gets_the_duplicate_check_index(tmp_path):
     con.close()
     assert "ix_captions_source_text" in names and "ix_captions_source" not in names
     assert "ix_captions_source_text" in plan
+
+
+def test_binary_without_nul_bytes_is_refused_and_legacy_text_is_not(tmp_path):
+    rng = np.random.default_rng(0)
+    noise = bytes(b for b in rng.integers(1, 256, 4000, dtype=np.uint8).tolist())  # no NUL byte at all
+    f = tmp_path / "photo.txt"
+    f.write_bytes(noise)
+    with pytest.raises(CaptionFileError, match="binary"):
+        read_caption_file(f)
+    f.write_bytes("un caf\u00e9 au bord de la rivi\u00e8re, deux enfants jouent dans l'\u00e9t\u00e9\n".encode("latin-1") * 20)
+    got = read_caption_file(f)
+    assert len(got) == 20 and got[0][1].startswith("un caf\ufffd au bord")
