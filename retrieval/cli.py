@@ -440,17 +440,52 @@ def quantize(model, dataset, images, calibration, keep_float_convs):
                                    "try a larger --keep-float-convs")
 
 
-@cli.command("retune-reranker")
-@click.argument("model")
-@click.option("--dataset", required=True, type=click.Path(exists=True),
-              help="Flickr8k-layout folder or Karpathy-split JSON: train retunes, dev selects.")
-@click.option("--images", type=click.Path(exists=True, file_okay=False), help="Image folder (for a JSON dataset).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="New checkpoint folder to write.")
+def _retuning_command(name: str):
+    """A command that retunes part of a checkpoint: the options they all take
+    (the dataset whose train split retunes and dev split selects, the new
+    folder, a limit), around the command's own options."""
+    shared_front = [
+        click.argument("model"),
+        click.option("--dataset", required=True, type=click.Path(exists=True),
+                     help="Flickr8k-layout folder or Karpathy-split JSON: train retunes, dev selects."),
+        click.option("--images", type=click.Path(exists=True, file_okay=False),
+                     help="Image folder (for a JSON dataset)."),
+        click.option("--out", required=True, type=click.Path(file_okay=False), help="New checkpoint folder to write."),
+    ]
+    limit = click.option("--limit", type=click.IntRange(2, None), default=None,
+                         help="Use only the first N images of each split.")
+
+    def wrap(f):
+        f = limit(f)
+        for deco in reversed(shared_front):
+            f = deco(f)
+        return cli.command(name)(f)
+
+    return wrap
+
+
+def _run_retuning(model: str, what: str, run) -> None:
+    """Run ``run(checkpoint folder)`` for an xmr checkpoint named by ``model``
+    and print its summary; ``what`` names the part a variant or another kind
+    of model lacks."""
+    from .encoders import resolve_model
+    from .errors import CheckpointError
+
+    kind, location = resolve_model(model)
+    if kind != "xmr":
+        raise click.ClickException(f"{model}: only xmr checkpoints have {what} (give the checkpoint, not a variant)")
+    try:
+        info = run(location)
+    except (ValueError, CheckpointError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(info, indent=2))
+
+
+@_retuning_command("retune-reranker")
 @click.option("--epochs", type=click.IntRange(1, 100), default=1, show_default=True)
 @click.option("--lr", type=float, default=1e-4, show_default=True)
 @click.option("--pool", type=click.IntRange(4, 100000), default=256, show_default=True,
               help="Negatives are drawn from each query's top POOL wrong candidates by the engine's recall scores.")
-@click.option("--limit", type=click.IntRange(2, None), default=None, help="Use only the first N images of each split.")
 def retune_reranker(model, dataset, images, out, epochs, lr, pool, limit):
     """Retune MODEL's reranker on the features the engine uses (its views,
     stored region tokens, query-bank corrected recall), writing a copy of the
@@ -458,32 +493,18 @@ def retune_reranker(model, dataset, images, out, epochs, lr, pool, limit):
     fixed: indexes keep their stored tokens, but a changed checkpoint is a new
     model version (index with --model OUT).
     """
-    from .encoders import resolve_model
-    from .errors import CheckpointError
     from .training.retune import RetuneOptions, retune_checkpoint
 
-    kind, location = resolve_model(model)
-    if kind != "xmr":
-        raise click.ClickException(f"{model}: only xmr checkpoints have our reranker (give the checkpoint, not a variant)")
-    try:
-        info = retune_checkpoint(location, out, dataset, images, RetuneOptions(epochs=epochs, lr=lr, pool=pool),
-                                 limit=limit, progress_factory=_progress)
-    except (ValueError, CheckpointError) as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(json.dumps(info, indent=2))
+    _run_retuning(model, "our reranker", lambda location: retune_checkpoint(
+        location, out, dataset, images, RetuneOptions(epochs=epochs, lr=lr, pool=pool), limit=limit,
+        progress_factory=_progress))
 
 
-@cli.command("retune-text-head")
-@click.argument("model")
-@click.option("--dataset", required=True, type=click.Path(exists=True),
-              help="Flickr8k-layout folder or Karpathy-split JSON: train retunes, dev selects.")
-@click.option("--images", type=click.Path(exists=True, file_okay=False), help="Image folder (for a JSON dataset).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="New checkpoint folder to write.")
+@_retuning_command("retune-text-head")
 @click.option("--epochs", type=click.IntRange(1, 1000), default=10, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--crops", type=click.IntRange(1, 64), default=6, show_default=True,
               help="Random crops of each train image to learn against.")
-@click.option("--limit", type=click.IntRange(2, None), default=None, help="Use only the first N images of each split.")
 def retune_text_head(model, dataset, images, out, epochs, lr, crops, limit):
     """Retune MODEL's text head against its fixed image side (random crops of
     the train images as targets, the engine's text memory in the loop),
@@ -491,21 +512,11 @@ def retune_text_head(model, dataset, images, out, epochs, lr, crops, limit):
     --out. Image vectors and region tokens stay valid: indexes built with
     MODEL are brought up to the new model by `xmr upgrade`.
     """
-    from .encoders import resolve_model
-    from .errors import CheckpointError
     from .training.text_head import HeadOptions, retune_text_head_checkpoint
 
-    kind, location = resolve_model(model)
-    if kind != "xmr":
-        raise click.ClickException(f"{model}: only xmr checkpoints have a text head to retune "
-                                   "(give the checkpoint, not a variant)")
-    try:
-        info = retune_text_head_checkpoint(location, out, dataset, images,
-                                           HeadOptions(epochs=epochs, lr=lr, crops=crops), limit=limit,
-                                           progress_factory=_progress)
-    except (ValueError, CheckpointError) as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(json.dumps(info, indent=2))
+    _run_retuning(model, "a text head to retune", lambda location: retune_text_head_checkpoint(
+        location, out, dataset, images, HeadOptions(epochs=epochs, lr=lr, crops=crops), limit=limit,
+        progress_factory=_progress))
 
 
 def main() -> None:

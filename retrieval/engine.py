@@ -390,16 +390,11 @@ class Engine:
         n_good, n_bad = file.count()
         if not n_good and not n_bad:
             raise CaptionFileError(f"{path}: no captions found")
-        bad = [0]
-
-        def note(where, reason):
-            bad[0] += 1
-            if on_bad:
-                on_bad(where, reason)
-
+        # the second pass meets the same malformed entries and reports them
+        entries = file.entries(on_bad) if on_bad else file.entries()
         with self._writing():
-            imported = self._add_captions(path, file.entries(note), n_good, progress, on_total)
-        return {"imported": imported, "duplicates": n_good - imported, "malformed": bad[0],
+            imported = self._add_captions(path, entries, n_good, progress, on_total)
+        return {"imported": imported, "duplicates": n_good - imported, "malformed": n_bad,
                 "total": self.store.count_captions()}
 
     def _add_captions(self, path, pairs: Iterable, n_pairs: int, progress: Callable | None,
