@@ -364,8 +364,10 @@ def eval_cmd(ctx, dataset, images, split, model, no_rerank, rerank_k, limit, as_
 @click.option("--image-size", type=int, default=None, help="Input resolution (default: the tower's native size).")
 @click.option("--embed-dim", type=int, default=256, show_default=True)
 @click.option("--text-layers", type=int, default=2, show_default=True, help="Top MiniLM layers to fine-tune.")
-@click.option("--stages", default="dual,rerank,int8", show_default=True,
-              help="Comma-separated: dual, rerank, int8 (the quantized CPU image graph).")
+@click.option("--stages", default="dual,rerank,int8,retune,text_head", show_default=True,
+              help="Comma-separated, run in this order: dual, rerank, int8 (the quantized CPU image graph), "
+                   "retune (the reranker retuned on the engine's features, as `xmr retune-reranker`), "
+                   "text_head (the text head retuned against the image side, as `xmr retune-text-head`).")
 @click.option("--resume", type=click.Path(exists=True, file_okay=False), help="Start from this checkpoint's dual encoder.")
 @click.option("--epochs", type=int, default=15, show_default=True, help="Dual-encoder epochs (over all captions).")
 @click.option("--batch-size", type=int, default=256, show_default=True)
@@ -375,6 +377,10 @@ def eval_cmd(ctx, dataset, images, split, model, no_rerank, rerank_k, limit, as_
 @click.option("--rerank-epochs", type=int, default=6, show_default=True)
 @click.option("--rerank-width", type=int, default=256, show_default=True)
 @click.option("--rerank-layers", type=int, default=2, show_default=True)
+@click.option("--retune-epochs", type=click.IntRange(1, 100), default=1, show_default=True,
+              help="Epochs of the retune stage.")
+@click.option("--text-head-epochs", type=click.IntRange(1, 1000), default=10, show_default=True,
+              help="Epochs of the text_head stage.")
 @click.option("--ablations", default="", help="Comma-separated reranker ablations: no_region,no_word,no_global,one_way,random_neg.")
 @click.option("--limit", type=int, default=None, help="Use only the first N images of each split (smoke tests).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
@@ -382,11 +388,14 @@ def eval_cmd(ctx, dataset, images, split, model, no_rerank, rerank_k, limit, as_
 @click.option("--threads", type=int, default=8, show_default=True, help="Image decoding threads.")
 def train(dataset, images, out_dir, image_tower, image_size, embed_dim, text_layers, stages, resume, epochs,
           batch_size, lr_image, lr_text, freeze_image_tower, rerank_epochs, rerank_width, rerank_layers,
-          ablations, limit, device, seed, threads):
-    """Train the dual encoder and the reranker on a dataset's train split."""
+          retune_epochs, text_head_epochs, ablations, limit, device, seed, threads):
+    """Train the dual encoder and the reranker on a dataset's train split
+    (dev selects), then retune both on what the engine itself computes."""
     from .training.dual import DualTrainOptions
     from .training.rerank import RerankTrainOptions
+    from .training.retune import RetuneOptions
     from .training.run import TrainJob, run_training
+    from .training.text_head import HeadOptions
 
     job = TrainJob(
         dataset=dataset, images=images, out_dir=out_dir, image_tower=image_tower, image_size=image_size,
@@ -396,6 +405,7 @@ def train(dataset, images, out_dir, image_tower, image_size, embed_dim, text_lay
         dual=DualTrainOptions(epochs=epochs, batch_size=batch_size, lr_image=lr_image, lr_text=lr_text,
                               train_image_tower=not freeze_image_tower, seed=seed),
         rerank=RerankTrainOptions(epochs=rerank_epochs, seed=seed),
+        retune=RetuneOptions(epochs=retune_epochs, seed=seed), text_head=HeadOptions(epochs=text_head_epochs, seed=seed),
         reranker_width=rerank_width, reranker_layers=rerank_layers,
     )
     try:
@@ -405,6 +415,10 @@ def train(dataset, images, out_dir, image_tower, image_size, embed_dim, text_lay
     summary = {"dual_dev": report.get("dual_dev"), "dual_test": report.get("dual_test")}
     for name, entry in report.get("rerank", {}).items():
         summary[f"rerank_{name}"] = {s: {k: round(v["rsum"], 1) for k, v in entry.get(s, {}).items()} for s in ("dev", "test")}
+    for stage in ("retune", "text_head"):
+        if stage in report:
+            summary[stage] = {"dev_rsum": [round(report[stage][k]["rsum"], 1) for k in ("dev_before", "dev_after")],
+                              "best_epoch": report[stage]["best_epoch"]}
     click.echo(json.dumps(summary, indent=2))
 
 

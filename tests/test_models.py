@@ -254,6 +254,33 @@ def test_training_smoke(tmp_path, flickr8k):
     assert enc.dim == 256 and enc.reranker_model is not None
     # the int8 stage ran (whether 8 calibration images make a graph worth keeping is its own check)
     assert report["int8"] is None or set(report["int8"]["agreement_vs_fp32"]) >= {"embedding_median", "images"}
+    # the retune and text_head stages ran on the checkpoint the earlier stages wrote, and it records them
+    for stage, key in (("retune", "reranker_retune"), ("text_head", "text_head_retune")):
+        assert report[stage]["dev_after"]["rsum"] >= report[stage]["dev_before"]["rsum"], report[stage]
+        assert meta_after_stages(out)[key]["best_epoch"] == report[stage]["best_epoch"]
+        assert meta_after_stages(out)[key]["source"] == str(out) and meta_after_stages(out)[key]["limit"] == 8
+    assert (out / "text.safetensors").exists()
+    assert json.loads(res.stdout)["text_head"]["best_epoch"] == report["text_head"]["best_epoch"]
+
+
+def meta_after_stages(out):
+    return json.loads((out / "config.json").read_text())
+
+
+@pytest.mark.parametrize("stages, message", [
+    ("dual,shuffle", "unknown stage(s) ['shuffle']"),
+    ("dual,retune", "add rerank to --stages"),
+    (",", "no stage to run"),
+])
+def test_train_refuses_stages_it_cannot_run(tmp_path, flickr8k, stages, message):
+    from click.testing import CliRunner
+
+    from retrieval.cli import cli
+
+    out = tmp_path / "ckpt"
+    res = CliRunner().invoke(cli, ["train", "--dataset", str(flickr8k), "--out", str(out), "--stages", stages])
+    assert res.exit_code != 0 and message in res.output, res.output
+    assert not out.exists()  # refused before any work
 
 
 def test_onnx_image_path_equals_pytorch(tmp_path, monkeypatch):

@@ -179,20 +179,21 @@ def retune(reranker, train: EngineFeatures, dev: EngineFeatures, opts: RetuneOpt
     return {"history": history, "best": best}
 
 
-def retune_checkpoint(src, out, dataset: str, images: str | None = None, opts: RetuneOptions | None = None,
-                      limit: int | None = None, progress_factory=None) -> dict:
-    """Copy checkpoint ``src`` to ``out``, retune its reranker on the dataset's
-    train split (dev selects) and save it there with the chosen fusion weight."""
+def retune_in_place(ckpt, dataset: str, images: str | None = None, opts: RetuneOptions | None = None,
+                    limit: int | None = None, progress_factory=None, source=None) -> dict:
+    """Retune the reranker of checkpoint folder ``ckpt`` on the dataset's train
+    split (dev selects) and save it there with the chosen fusion weight
+    (``xmr train``'s retune stage); returns the summary written to its
+    config. ``source`` names the checkpoint it was copied from, if any."""
     from ..encoders.xmr import XmrEncoder
     from ..errors import CheckpointError
     from . import checkpoint
     from .data import StepProgress, load_pixels, retuning_splits
 
     opts = opts or RetuneOptions()
-    if "reranker" not in checkpoint.read_config(src):
-        raise CheckpointError(f"{src}: holds no reranker to retune")
-    checkpoint.copy_checkpoint(src, out)
-    enc = XmrEncoder.from_checkpoint(str(out))
+    if "reranker" not in checkpoint.read_config(ckpt):
+        raise CheckpointError(f"{source if source is not None else ckpt}: holds no reranker to retune")
+    enc = XmrEncoder.from_checkpoint(str(ckpt))
     feats = {}
     for split, recs in retuning_splits(dataset, images, limit).items():
         bar = progress_factory(f"features {split}", len(recs)) if progress_factory else None
@@ -206,13 +207,27 @@ def retune_checkpoint(src, out, dataset: str, images: str | None = None, opts: R
     result = retune(enc.reranker_model, feats["train"], feats["dev"], opts, progress)
     progress.close()
     best = result["best"]
-    summary = {"source": str(src), "dataset": str(dataset), "options": opts.to_dict(), "limit": limit,
+    summary = {"source": str(source if source is not None else ckpt), "dataset": str(dataset),
+               "options": opts.to_dict(), "limit": limit,
                "views": list(enc.views), "image_backend": enc.image_backend,
                "best_epoch": best["epoch"], "fusion_weight": best["fusion_weight"],
                "dev_before": result["history"][0]["dev"], "dev_after": best["dev"],
                "history": [{k: v for k, v in h.items() if k != "dev"} | {"dev_rsum": h["dev"]["rsum"]}
                            for h in result["history"]],
                "seconds": round(time.time() - t0, 1)}
-    checkpoint.save_checkpoint(out, {"fusion_weight": best["fusion_weight"], "reranker_retune": summary},
+    checkpoint.save_checkpoint(ckpt, {"fusion_weight": best["fusion_weight"], "reranker_retune": summary},
                                reranker=enc.reranker_model)
     return summary
+
+
+def retune_checkpoint(src, out, dataset: str, images: str | None = None, opts: RetuneOptions | None = None,
+                      limit: int | None = None, progress_factory=None) -> dict:
+    """Copy checkpoint ``src`` to ``out`` and retune the copy's reranker
+    (``xmr retune-reranker``)."""
+    from ..errors import CheckpointError
+    from . import checkpoint
+
+    if "reranker" not in checkpoint.read_config(src):
+        raise CheckpointError(f"{src}: holds no reranker to retune")
+    checkpoint.copy_checkpoint(src, out)
+    return retune_in_place(out, dataset, images, opts, limit, progress_factory, source=src)

@@ -29,6 +29,8 @@ from .rerank import (
     rerank_candidates,
     train_reranker,
 )
+from .retune import RetuneOptions, retune_in_place
+from .text_head import HeadOptions, retune_text_head_in_place
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,8 @@ ABLATIONS = {
     "random_neg": ({}, {"hard_negatives": False}),
 }
 REPORT_KS = (10, 20, 50)
+# in the order they run; each later one works on the checkpoint the earlier ones wrote
+STAGES = ("dual", "rerank", "int8", "retune", "text_head")
 
 
 @dataclass
@@ -52,7 +56,7 @@ class TrainJob:
     image_size: int | None = None
     embed_dim: int = 256
     text_trainable_layers: int = 2
-    stages: tuple[str, ...] = ("dual", "rerank", "int8")
+    stages: tuple[str, ...] = STAGES
     resume: str | None = None
     ablations: tuple[str, ...] = ()
     limit: int | None = None
@@ -61,6 +65,8 @@ class TrainJob:
     threads: int = 8
     dual: DualTrainOptions = field(default_factory=DualTrainOptions)
     rerank: RerankTrainOptions = field(default_factory=RerankTrainOptions)
+    retune: RetuneOptions = field(default_factory=RetuneOptions)
+    text_head: HeadOptions = field(default_factory=HeadOptions)
     reranker_width: int = 256
     reranker_layers: int = 2
 
@@ -79,9 +85,7 @@ def _seed(seed: int) -> None:
 
 def run_training(job: TrainJob, progress_factory=None) -> dict:
     """Run the stages of ``job``; returns (and writes) the report."""
-    unknown = [a for a in job.ablations if a not in ABLATIONS]
-    if unknown:
-        raise ValueError(f"unknown ablation(s) {unknown}; choose from {', '.join(ABLATIONS)}")
+    check_job(job)
     _seed(job.dual.seed)
     device = _device(job.device)
     out = Path(job.out_dir)
@@ -186,9 +190,35 @@ def run_training(job: TrainJob, progress_factory=None) -> dict:
                                            reranker=rr)
     if "int8" in job.stages:
         report["int8"] = _quantize(out, job)
+    # the last two work as the engine does (the checkpoint as written: its views, bank and int8 graph)
+    # and decode what they need themselves
+    splits = feats = bank = None
+    if "retune" in job.stages:
+        report["retune"] = retune_in_place(out, job.dataset, job.images, job.retune, job.limit, progress_factory)
+        log.info("reranker retuned: dev rsum %.1f -> %.1f (epoch %d kept)", report["retune"]["dev_before"]["rsum"],
+                 report["retune"]["dev_after"]["rsum"], report["retune"]["best_epoch"])
+    if "text_head" in job.stages:
+        report["text_head"] = retune_text_head_in_place(out, job.dataset, job.images, job.text_head, job.limit,
+                                                        progress_factory)
+        log.info("text head retuned: dev rsum %.1f -> %.1f (epoch %d kept)", report["text_head"]["dev_before"]["rsum"],
+                 report["text_head"]["dev_after"]["rsum"], report["text_head"]["best_epoch"])
     report["seconds"] = time.time() - t_start
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def check_job(job: TrainJob) -> None:
+    """Refuse a job that cannot run, before any work (ValueError saying why)."""
+    unknown = [a for a in job.ablations if a not in ABLATIONS]
+    if unknown:
+        raise ValueError(f"unknown ablation(s) {unknown}; choose from {', '.join(ABLATIONS)}")
+    unknown = [s for s in job.stages if s not in STAGES]
+    if unknown or not job.stages:
+        raise ValueError(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}" if unknown else
+                         f"no stage to run; choose from {', '.join(STAGES)}")
+    if "retune" in job.stages and "rerank" not in job.stages:
+        raise ValueError("the retune stage retunes the reranker that the rerank stage trains: add rerank to "
+                         "--stages, or retune an existing checkpoint with `xmr retune-reranker`")
 
 
 def _fit_querybank(model, splits, feats, device, out: Path, report: dict):

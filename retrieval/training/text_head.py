@@ -81,25 +81,29 @@ def random_crops(image, n: int, rng: np.random.Generator, side: tuple[float, flo
     return out
 
 
-def crop_targets(enc, paths: list, opts: HeadOptions, progress=None, chunk: int = 32) -> torch.Tensor:
-    """``[N, crops, D]`` normalised embeddings of random crops of each image
-    (one generator per image, seeded by ``opts.seed`` and its position)."""
+def train_image_features(enc, paths: list, opts: HeadOptions, progress=None, chunk: int = 64):
+    """What retuning needs of each train image, from one decode of it:
+    ``[N, crops, D]`` normalised embeddings of random crops (one generator per
+    image, seeded by ``opts.seed`` and its position) and ``[N, D]`` the
+    image as the engine embeds it (the model's views)."""
     from indexer.decode import decode_image
 
     def one(i):
         image = decode_image(paths[i], enc.input_size).image
         rng = np.random.default_rng([opts.seed, i])
-        return [enc.prepare(c) for c in random_crops(image, opts.crops, rng, opts.crop_side)]
+        return enc.prepare(image), [enc.prepare(c) for c in random_crops(image, opts.crops, rng, opts.crop_side)]
 
-    out = np.zeros((len(paths), opts.crops, enc.dim), np.float32)
+    targets = np.zeros((len(paths), opts.crops, enc.dim), np.float32)
+    whole = np.zeros((len(paths), enc.dim), np.float32)
     with ThreadPoolExecutor(2) as pool:
         for s in range(0, len(paths), chunk):
-            squares = [sq for sqs in pool.map(one, range(s, min(s + chunk, len(paths)))) for sq in sqs]
-            n = len(squares) // opts.crops
-            out[s : s + n] = enc.encode_as_is(squares).reshape(n, opts.crops, -1)
+            decoded = list(pool.map(one, range(s, min(s + chunk, len(paths)))))
+            n = len(decoded)
+            targets[s : s + n] = enc.encode_as_is([c for _, crops in decoded for c in crops]).reshape(n, opts.crops, -1)
+            whole[s : s + n] = enc.encode_images([image for image, _ in decoded])
             if progress:
                 progress(n)
-    return torch.from_numpy(out)
+    return torch.from_numpy(targets), whole
 
 
 def pooled_states(enc, texts: list[str], batch: int = 256) -> torch.Tensor:
@@ -211,32 +215,23 @@ def retune_head(head: torch.nn.Linear, data: HeadData, like: QueryBank | None, l
     return {"history": history, "best": best}
 
 
-def retune_text_head_checkpoint(src, out, dataset: str, images: str | None = None, opts: HeadOptions | None = None,
-                                limit: int | None = None, progress_factory=None) -> dict:
-    """Copy checkpoint ``src`` to ``out``, retune its text head on the
-    dataset's train split (dev selects), and save the head and the query
-    bank it implies there."""
+def retune_text_head_in_place(ckpt, dataset: str, images: str | None = None, opts: HeadOptions | None = None,
+                              limit: int | None = None, progress_factory=None, source=None) -> dict:
+    """Retune the text head of checkpoint folder ``ckpt`` on the dataset's
+    train split (dev selects) and save the head and the query bank it implies
+    there (``xmr train``'s text_head stage); returns the summary written to
+    its config. ``source`` names the checkpoint it was copied from, if any."""
     from ..encoders.querybank import bank_rows
     from ..encoders.xmr import XmrEncoder
     from . import checkpoint
     from .data import StepProgress, load_pixels, retuning_splits
 
     opts = opts or HeadOptions()
-    checkpoint.copy_checkpoint(src, out)
-    enc = XmrEncoder.from_checkpoint(str(out))
+    enc = XmrEncoder.from_checkpoint(str(ckpt))
     recs = retuning_splits(dataset, images, limit)
 
-    def engine_images(split):
-        bar = progress_factory(f"images {split}", len(recs[split])) if progress_factory else None
-        pixels = load_pixels([r.path for r in recs[split]], enc.input_size)
-        embs = []
-        for s in range(0, len(pixels), 64):
-            embs.append(enc.encode_images(list(pixels[s : s + 64])))
-            if bar:
-                bar.update(len(embs[-1]))
-        if bar:
-            bar.close()
-        return np.concatenate(embs)
+    def bar(label, total):
+        return progress_factory(label, total) if progress_factory else None
 
     def captions(split):
         texts = [c for r in recs[split] for c in r.captions]
@@ -244,29 +239,49 @@ def retune_text_head_checkpoint(src, out, dataset: str, images: str | None = Non
         return pooled_states(enc, texts), owner
 
     t0 = time.time()
-    bar = progress_factory("crops of train images", len(recs["train"])) if progress_factory else None
-    targets = crop_targets(enc, [r.path for r in recs["train"]], opts, bar.update if bar else None)
-    if bar:
-        bar.close()
+    b = bar("train images and crops", len(recs["train"]))
+    targets, train_images = train_image_features(enc, [r.path for r in recs["train"]], opts, b.update if b else None)
+    if b:
+        b.close()
+    b = bar("images dev", len(recs["dev"]))
+    pixels = load_pixels([r.path for r in recs["dev"]], enc.input_size)
+    dev_images = np.zeros((len(pixels), enc.dim), np.float32)
+    for s in range(0, len(pixels), 64):
+        dev_images[s : s + 64] = enc.encode_images(list(pixels[s : s + 64]))
+        if b:
+            b.update(len(pixels[s : s + 64]))
+    if b:
+        b.close()
     train_pooled, train_owner = captions("train")
     dev_pooled, dev_owner = captions("dev")
     shipped = enc.querybank
     # the model's bank keeps the first two captions of each train image (select_inference --write-bank)
     keep = bank_rows(train_owner.numpy(), 2)
-    data = HeadData(train_pooled, train_owner, targets, torch.from_numpy(keep), engine_images("train"),
-                    dev_pooled, dev_owner.numpy(), engine_images("dev"))
+    data = HeadData(train_pooled, train_owner, targets, torch.from_numpy(keep), train_images,
+                    dev_pooled, dev_owner.numpy(), dev_images)
     progress = StepProgress(progress_factory, "retune text head", opts.epochs)
     scale = float(enc.model.logit_scale.detach().exp().clamp(max=100.0))
     result = retune_head(enc.model.text_head, data, shipped, scale, opts, progress)
     progress.close()
     best = result["best"]
-    summary = {"source": str(src), "dataset": str(dataset), "options": opts.to_dict(), "limit": limit,
+    summary = {"source": str(source if source is not None else ckpt), "dataset": str(dataset),
+               "options": opts.to_dict(), "limit": limit,
                "views": list(enc.views), "image_backend": enc.image_backend, "logit_scale": round(scale, 3),
                "best_epoch": best["epoch"], "dev_before": result["history"][0]["dev"], "dev_after": best["dev"],
                "history": [{"epoch": h["epoch"], "loss": h["loss"], "dev_rsum": h["dev"]["rsum"]}
                            for h in result["history"]],
                "seconds": round(time.time() - t0, 1)}
     if shipped is not None:
-        make_bank(enc.model.text_head, data, shipped).save(out)
-    checkpoint.save_text_side(out, enc.model, {"text_head_retune": summary})
+        make_bank(enc.model.text_head, data, shipped).save(ckpt)
+    checkpoint.save_text_side(ckpt, enc.model, {"text_head_retune": summary})
     return summary
+
+
+def retune_text_head_checkpoint(src, out, dataset: str, images: str | None = None, opts: HeadOptions | None = None,
+                                limit: int | None = None, progress_factory=None) -> dict:
+    """Copy checkpoint ``src`` to ``out`` and retune the copy's text head
+    (``xmr retune-text-head``)."""
+    from . import checkpoint
+
+    checkpoint.copy_checkpoint(src, out)
+    return retune_text_head_in_place(out, dataset, images, opts, limit, progress_factory, source=src)
