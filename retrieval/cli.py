@@ -364,9 +364,9 @@ def eval_cmd(ctx, dataset, images, split, model, no_rerank, rerank_k, limit, as_
 @click.option("--image-size", type=int, default=None, help="Input resolution (default: the tower's native size).")
 @click.option("--embed-dim", type=int, default=256, show_default=True)
 @click.option("--text-layers", type=int, default=2, show_default=True, help="Top MiniLM layers to fine-tune.")
-@click.option("--stages", default="dual,rerank,int8,retune,text_head", show_default=True,
+@click.option("--stages", default="dual,rerank,int8,views,retune,text_head", show_default=True,
               help="Comma-separated, run in this order: dual, rerank, int8 (the quantized CPU image graph), "
-                   "retune (the reranker retuned on the engine's features, as `xmr retune-reranker`), "
+                   "views (the test-time views of an image, chosen on dev, with their query bank), retune (the reranker retuned on the engine's features, as `xmr retune-reranker`), "
                    "text_head (the text head retuned against the image side, as `xmr retune-text-head`).")
 @click.option("--resume", type=click.Path(exists=True, file_okay=False), help="Start from this checkpoint's dual encoder.")
 @click.option("--epochs", type=int, default=15, show_default=True, help="Dual-encoder epochs (over all captions).")
@@ -415,6 +415,8 @@ def train(dataset, images, out_dir, image_tower, image_size, embed_dim, text_lay
     summary = {"dual_dev": report.get("dual_dev"), "dual_test": report.get("dual_test")}
     for name, entry in report.get("rerank", {}).items():
         summary[f"rerank_{name}"] = {s: {k: round(v["rsum"], 1) for k, v in entry.get(s, {}).items()} for s in ("dev", "test")}
+    if "views" in report:
+        summary["views"] = {"chosen": report["views"]["chosen"], "dev_rsum": round(report["views"]["dev_after"]["rsum"], 1)}
     for stage in ("retune", "text_head"):
         if stage in report:
             summary[stage] = {"dev_rsum": [round(report[stage][k]["rsum"], 1) for k in ("dev_before", "dev_after")],

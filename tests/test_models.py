@@ -233,6 +233,7 @@ def test_training_smoke(tmp_path, flickr8k):
     from click.testing import CliRunner
 
     from retrieval.cli import cli
+    from retrieval.training.views import VIEW_SETS
 
     out = tmp_path / "ckpt"
     res = CliRunner().invoke(cli, ["train", "--dataset", str(flickr8k), "--out", str(out), "--image-tower",
@@ -254,6 +255,11 @@ def test_training_smoke(tmp_path, flickr8k):
     assert enc.dim == 256 and enc.reranker_model is not None
     # the int8 stage ran (whether 8 calibration images make a graph worth keeping is its own check)
     assert report["int8"] is None or set(report["int8"]["agreement_vs_fp32"]) >= {"embedding_median", "images"}
+    # the views stage chose the best of its candidates on dev and wrote them (and their bank, if any)
+    sel = report["views"]
+    assert sel["rows"][0]["views"] == sel["chosen"] and sel["rows"][0]["dev_rsum"] == max(r["dev_rsum"] for r in sel["rows"])
+    assert meta_after_stages(out)["views"] == list(VIEW_SETS[sel["chosen"]]) and len(sel["rows"]) == len(VIEW_SETS)
+    assert list(enc.views) == list(VIEW_SETS[sel["chosen"]])
     # the retune and text_head stages ran on the checkpoint the earlier stages wrote, and it records them
     for stage, key in (("retune", "reranker_retune"), ("text_head", "text_head_retune")):
         assert report[stage]["dev_after"]["rsum"] >= report[stage]["dev_before"]["rsum"], report[stage]
@@ -261,6 +267,21 @@ def test_training_smoke(tmp_path, flickr8k):
         assert meta_after_stages(out)[key]["source"] == str(out) and meta_after_stages(out)[key]["limit"] == 8
     assert (out / "text.safetensors").exists()
     assert json.loads(res.stdout)["text_head"]["best_epoch"] == report["text_head"]["best_epoch"]
+
+
+def test_view_set_embeddings_are_the_encoders(mini_dataset):
+    """The views stage computes each view once and sums them; that is what the
+    encoder embeds for the set."""
+    from retrieval.encoders import create_encoder
+    from retrieval.training.views import VIEW_SETS, set_embedding, view_embeddings
+
+    enc = create_encoder("xmr-lite2", device="cpu")
+    pixels = np.stack(_mini_pixels(enc, mini_dataset, 6))
+    per_view = view_embeddings(enc, pixels, ("full", "flip", "crop85", "crop85flip"), batch=4)
+    assert enc.views == ("crop85", "crop85flip")  # put back
+    for views in VIEW_SETS.values():
+        enc.views = views
+        np.testing.assert_allclose(set_embedding(per_view, views), enc.encode_images(list(pixels)), atol=1e-5)
 
 
 def meta_after_stages(out):

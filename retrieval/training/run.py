@@ -31,6 +31,7 @@ from .rerank import (
 )
 from .retune import RetuneOptions, retune_in_place
 from .text_head import HeadOptions, retune_text_head_in_place
+from .views import choose_views_in_place
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ ABLATIONS = {
 }
 REPORT_KS = (10, 20, 50)
 # in the order they run; each later one works on the checkpoint the earlier ones wrote
-STAGES = ("dual", "rerank", "int8", "retune", "text_head")
+STAGES = ("dual", "rerank", "int8", "views", "retune", "text_head")
 
 
 @dataclass
@@ -190,9 +191,13 @@ def run_training(job: TrainJob, progress_factory=None) -> dict:
                                            reranker=rr)
     if "int8" in job.stages:
         report["int8"] = _quantize(out, job)
-    # the last two work as the engine does (the checkpoint as written: its views, bank and int8 graph)
+    # the last three work as the engine does (the checkpoint as written: its views, bank and int8 graph)
     # and decode what they need themselves
     splits = feats = bank = None
+    if "views" in job.stages:
+        report["views"] = choose_views_in_place(out, job.dataset, job.images, job.limit,
+                                                progress_factory=progress_factory)
+        log.info("views: %s (dev rsum %.1f)", report["views"]["chosen"], report["views"]["dev_after"]["rsum"])
     if "retune" in job.stages:
         report["retune"] = retune_in_place(out, job.dataset, job.images, job.retune, job.limit, progress_factory)
         log.info("reranker retuned: dev rsum %.1f -> %.1f (epoch %d kept)", report["retune"]["dev_before"]["rsum"],
