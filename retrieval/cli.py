@@ -390,7 +390,8 @@ def train(dataset, images, out_dir, image_tower, image_size, embed_dim, text_lay
           batch_size, lr_image, lr_text, freeze_image_tower, rerank_epochs, rerank_width, rerank_layers,
           retune_epochs, text_head_epochs, ablations, limit, device, seed, threads):
     """Train the dual encoder and the reranker on a dataset's train split
-    (dev selects), then retune both on what the engine itself computes."""
+    (dev selects), then choose the image views and retune both on what the
+    engine itself computes (see --stages)."""
     from .training.dual import DualTrainOptions
     from .training.rerank import RerankTrainOptions
     from .training.retune import RetuneOptions
