@@ -191,8 +191,9 @@ def retune_in_place(ckpt, dataset: str, images: str | None = None, opts: RetuneO
     from .data import StepProgress, load_pixels, retuning_splits
 
     opts = opts or RetuneOptions()
+    source = ckpt if source is None else source
     if "reranker" not in checkpoint.read_config(ckpt):
-        raise CheckpointError(f"{source if source is not None else ckpt}: holds no reranker to retune")
+        raise CheckpointError(f"{source}: holds no reranker to retune")
     enc = XmrEncoder.from_checkpoint(str(ckpt))
     feats = {}
     for split, recs in retuning_splits(dataset, images, limit).items():
@@ -207,7 +208,7 @@ def retune_in_place(ckpt, dataset: str, images: str | None = None, opts: RetuneO
     result = retune(enc.reranker_model, feats["train"], feats["dev"], opts, progress)
     progress.close()
     best = result["best"]
-    summary = {"source": str(source if source is not None else ckpt), "dataset": str(dataset),
+    summary = {"source": str(source), "dataset": str(dataset),
                "options": opts.to_dict(), "limit": limit,
                "views": list(enc.views), "image_backend": enc.image_backend,
                "best_epoch": best["epoch"], "fusion_weight": best["fusion_weight"],

@@ -218,9 +218,10 @@ def check_job(job: TrainJob) -> None:
     if unknown:
         raise ValueError(f"unknown ablation(s) {unknown}; choose from {', '.join(ABLATIONS)}")
     unknown = [s for s in job.stages if s not in STAGES]
-    if unknown or not job.stages:
-        raise ValueError(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}" if unknown else
-                         f"no stage to run; choose from {', '.join(STAGES)}")
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
+    if not job.stages:
+        raise ValueError(f"no stage to run; choose from {', '.join(STAGES)}")
     if "retune" in job.stages and "rerank" not in job.stages:
         raise ValueError("the retune stage retunes the reranker that the rerank stage trains: add rerank to "
                          "--stages, or retune an existing checkpoint with `xmr retune-reranker`")

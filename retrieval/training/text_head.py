@@ -227,6 +227,7 @@ def retune_text_head_in_place(ckpt, dataset: str, images: str | None = None, opt
     from .data import StepProgress, load_pixels, retuning_splits
 
     opts = opts or HeadOptions()
+    source = ckpt if source is None else source
     enc = XmrEncoder.from_checkpoint(str(ckpt))
     recs = retuning_splits(dataset, images, limit)
 
@@ -264,7 +265,7 @@ def retune_text_head_in_place(ckpt, dataset: str, images: str | None = None, opt
     result = retune_head(enc.model.text_head, data, shipped, scale, opts, progress)
     progress.close()
     best = result["best"]
-    summary = {"source": str(source if source is not None else ckpt), "dataset": str(dataset),
+    summary = {"source": str(source), "dataset": str(dataset),
                "options": opts.to_dict(), "limit": limit,
                "views": list(enc.views), "image_backend": enc.image_backend, "logit_scale": round(scale, 3),
                "best_epoch": best["epoch"], "dev_before": result["history"][0]["dev"], "dev_after": best["dev"],

@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 
+from ..encoders.base import l2_normalize
 from ..encoders.querybank import QueryBank, bank_rows
 from .calibrate import score_settings
 
@@ -29,10 +30,6 @@ VIEW_SETS = {
     "full+flip": ("full", "flip"),
     "crop85+flip": ("crop85", "crop85flip"),
 }
-
-
-def _normalise(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def view_embeddings(enc, pixels: np.ndarray, views: tuple[str, ...], batch: int = 64, progress=None) -> dict:
@@ -54,7 +51,7 @@ def view_embeddings(enc, pixels: np.ndarray, views: tuple[str, ...], batch: int 
 
 def set_embedding(per_view: dict, views: tuple[str, ...]) -> np.ndarray:
     """A view set's embeddings from its views' (the encoder's rule: normalised sum)."""
-    return _normalise(sum(per_view[v] for v in views))
+    return l2_normalize(sum(per_view[v] for v in views))
 
 
 def rank_view_sets(train: dict, dev: dict, bank_texts: np.ndarray, bank_owner: np.ndarray, dev_txt: np.ndarray,
