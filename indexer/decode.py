@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 
@@ -65,7 +66,16 @@ def decode_image(path: str | os.PathLike, draft_size: int | None = None, data: b
     when given, is the file's content already read (``path`` then only names it).
     """
     try:
-        size = os.path.getsize(path) if data is None else len(data)
+        if data is None:
+            st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode):  # a FIFO would block, a device never end
+                kind = "folder" if stat.S_ISDIR(st.st_mode) else "FIFO, device or socket"
+                raise BadImage("not a regular file", kind)
+            size = st.st_size
+        else:
+            size = len(data)
+    except FileNotFoundError:
+        raise BadImage("vanished", "no such file") from None
     except OSError as exc:
         raise BadImage("unreadable", exc.strerror or str(exc)) from None
     if size == 0:
@@ -102,6 +112,8 @@ def decode_image(path: str | os.PathLike, draft_size: int | None = None, data: b
         raise BadImage("not an image", "unrecognised file format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise BadImage("decompression bomb", str(exc).split(".")[0]) from None
+    except FileNotFoundError:
+        raise BadImage("vanished", "deleted while it was being read") from None
     except OSError as exc:
         msg = str(exc) or type(exc).__name__
         if "truncated" in msg.lower():

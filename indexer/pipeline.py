@@ -40,6 +40,10 @@ class IndexSummary:
     removed: int = 0
     skipped: Counter = field(default_factory=Counter)  # reason -> files (each reported by on_skip as it goes)
     seconds: float = 0.0
+    # images kept although their files are not there, because their whole
+    # folder is missing, empty or unreadable (an unmounted drive, a folder
+    # without permission): folder -> images. ``prune`` removes them instead.
+    offline: Counter = field(default_factory=Counter)
 
     @property
     def embedded(self) -> int:
@@ -48,7 +52,8 @@ class IndexSummary:
     def to_dict(self) -> dict:
         return {
             "added": self.added, "updated": self.updated, "moved": self.moved, "unchanged": self.unchanged,
-            "removed": self.removed, "skipped": dict(self.skipped), "seconds": round(self.seconds, 3),
+            "removed": self.removed, "skipped": dict(self.skipped), "offline": sum(self.offline.values()),
+            "offline_folders": dict(self.offline), "seconds": round(self.seconds, 3),
         }
 
 
@@ -87,10 +92,18 @@ class Indexer:
         self.draft_size = draft_size
 
     def run(self, roots: Iterable[str], on_skip: Callable[[str, str], None] | None = None,
-            progress: Callable[[int], None] | None = None, on_total: Callable[[int], None] | None = None) -> IndexSummary:
+            progress: Callable[[int], None] | None = None, on_total: Callable[[int], None] | None = None,
+            prune: bool = False, force: Iterable[str] = ()) -> IndexSummary:
+        """Bring the store up to date with ``roots``. Images whose files are gone
+        are removed, except where their whole folder is missing, empty or
+        unreadable: those are kept and counted in ``summary.offline``, unless
+        ``prune``. Files at ``force`` paths are embedded again even when
+        unchanged (their region tokens were damaged)."""
         t0 = time.time()
         summary = IndexSummary()
         roots = normalise_roots(roots)
+        self._prune = prune
+        self._force = frozenset(force)
 
         def skip(path: str, reason: str) -> None:
             summary.skipped[reason] += 1
@@ -111,15 +124,25 @@ class Indexer:
             states = self.store.states_of([f.path for f in files])
             for f in files:
                 state = states.get(f.path)
-                if state and state[1] == f.size and state[2] == f.mtime_ns:
+                if f.path in self._force and state:
+                    changed.append((f, (*state[:3], "")))  # no hash matches "": decoded and embedded again
+                elif state and state[1] == f.size and state[2] == f.mtime_ns:
                     summary.unchanged += 1
                 else:
                     changed.append((f, state))
 
+        # folders holding image files now (listed or not), and folders that could not be listed
+        seen_dirs: set[str] = set()
+        unlisted: set[str] = set()
         for item in scan(roots):
             if isinstance(item, SkippedFile):
                 skip(item.path, item.reason)
+                if item.folder:
+                    unlisted.add(item.path)
+                else:
+                    seen_dirs.add(os.path.dirname(item.path))
                 continue
+            seen_dirs.add(os.path.dirname(item.path))
             chunk.append(item)
             if len(chunk) >= 2000:
                 compare(chunk)
@@ -127,12 +150,20 @@ class Indexer:
         compare(chunk)
         # An indexed image is gone when its path no longer holds a file the
         # scan would index (deleted, moved away, now unreadable).
+        # Those whose folder is missing, empty or unreadable are offline rather
+        # than gone (kept unless pruned), but still lend their vector to a
+        # file found elsewhere with the same content (a moved folder).
         gone_by_hash: dict[str, list[int]] = {}
         gone: list[int] = []
+        offline: dict[int, str] = {}
+        root_set = set(roots)
         for image_id, path, sha in self.store.iter_rows_under(roots):
             if not isinstance(stat_file(path), FoundFile):
                 gone.append(image_id)
                 gone_by_hash.setdefault(sha, []).append(image_id)
+                folder = os.path.dirname(path)
+                if not self._prune and path not in root_set and (folder not in seen_dirs or _below(path, unlisted)):
+                    offline[image_id] = folder
 
         # Each changed file is read once, on a worker thread: hashed, and
         # decoded from the same bytes unless its hash shows it is unchanged
@@ -201,10 +232,11 @@ class Indexer:
                 if progress:
                     progress(len(batch))
                 batch = following
-        removed = [i for i in gone if i not in reused]
+        removed = [i for i in gone if i not in reused and i not in offline]
         if removed:
             self.store.write_images([], [], [], removed)
         summary.moved, summary.removed = moved_count, len(removed)
+        summary.offline.update(folder for i, folder in offline.items() if i not in reused)
         summary.seconds = time.time() - t0
         return summary
 
@@ -214,6 +246,18 @@ class Indexer:
         # spawn, not fork: the parent runs model threads that a fork would copy mid-flight
         return ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_init_worker, initargs=(gone_hashes,))
+
+
+def _below(path: str, folders: set[str]) -> bool:
+    """Whether ``path`` lies below one of ``folders``."""
+    if not folders:
+        return False
+    child, up = path, os.path.dirname(path)
+    while up != child:
+        if up in folders:
+            return True
+        child, up = up, os.path.dirname(up)
+    return False
 
 
 def examine(f: FoundFile, state, gone_hashes, draft_size: int | None, prepare: Callable):
@@ -228,6 +272,8 @@ def examine(f: FoundFile, state, gone_hashes, draft_size: int | None, prepare: C
             with open(f.path, "rb") as fh:
                 data = fh.read()
             sha = hashlib.sha256(data).hexdigest()
+    except FileNotFoundError:
+        return BadImage("vanished", "deleted while the run was reading files")
     except OSError as exc:
         return BadImage("unreadable", exc.strerror or str(exc))
     if (state and state[3] == sha) or (not state and sha in gone_hashes):

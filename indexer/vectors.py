@@ -12,16 +12,19 @@ On a machine where faiss sees a GPU, searches run on a GPU copy of the index.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 log = logging.getLogger(__name__)
+_GPU_LOCK = threading.Lock()
 
 EXACT_LIMIT = 50_000
 # Past this many vectors, IVF keeps 8-bit codes instead of float32 vectors
@@ -233,7 +236,10 @@ class VectorIndex:
             return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
         self._set_nprobe()
         if allowed_ids is None:
-            return self._searcher().search(q, k)
+            if not self.use_gpu:  # CPU indexes answer concurrent searches
+                return self.index.search(q, k)
+            with _GPU_LOCK:  # one GPU copy, made on first use, searched by one thread at a time
+                return self._searcher().search(q, k)
         # Selectors run on the CPU index.
         sel = faiss.IDSelectorBatch(np.asarray(allowed_ids, dtype=np.int64))
         nprobe = self.spec.params.get("nprobe")
@@ -250,15 +256,23 @@ class VectorIndex:
         these vectors)."""
         faiss = _faiss()
         path = Path(path)
-        if vectors:
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            faiss.write_index(self.index, str(tmp))
-            os.replace(tmp, path)
-        side = {"dim": self.dim, **self.spec.to_json(), "ntotal": self.ntotal, "generation": self.generation,
-                **facts}
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         stmp = path.with_name(f"{path.name}.json.{os.getpid()}.tmp")
-        stmp.write_text(json.dumps(side, indent=2))
-        os.replace(stmp, path.with_name(path.name + ".json"))
+        try:
+            if vectors:
+                try:
+                    faiss.write_index(self.index, str(tmp))
+                except RuntimeError as exc:  # FAISS reports a failed write (a full disk) this way
+                    raise OSError(errno.EIO, f"FAISS could not write the index ({str(exc).splitlines()[-1]})",
+                                  str(tmp)) from None
+                os.replace(tmp, path)
+            side = {"dim": self.dim, **self.spec.to_json(), "ntotal": self.ntotal, "generation": self.generation,
+                    **facts}
+            stmp.write_text(json.dumps(side, indent=2))
+            os.replace(stmp, path.with_name(path.name + ".json"))
+        finally:  # nothing half-written stays behind
+            tmp.unlink(missing_ok=True)
+            stmp.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike, use_gpu: bool | None = None) -> tuple["VectorIndex", dict]:

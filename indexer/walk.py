@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Callable, Iterable, Iterator
@@ -21,6 +22,7 @@ class FoundFile:
 class SkippedFile:
     path: str
     reason: str
+    folder: bool = False  # a folder that could not be listed: what lies below it is unknown, not gone
 
 
 def _utf8_ok(path: str) -> bool:
@@ -44,7 +46,7 @@ def stat_file(path: str) -> FoundFile | SkippedFile:
     except FileNotFoundError:
         return SkippedFile(path, "broken symlink" if os.path.islink(path) else "vanished")
     except OSError as exc:
-        if exc.errno == 40:  # ELOOP
+        if exc.errno == errno.ELOOP:
             return SkippedFile(path, "symlink loop")
         return SkippedFile(path, f"unreadable ({exc.strerror})")
     if not stat.S_ISREG(st.st_mode):
@@ -81,19 +83,28 @@ def scan(roots: Iterable[str | os.PathLike]) -> Iterator[FoundFile | SkippedFile
 
     Directory symlinks are not followed (no loops, no escaping the folder);
     file symlinks are followed. Each path is yielded once, and nothing of the
-    size of the collection is held in memory.
+    size of the collection is held in memory. A folder that cannot be listed
+    (no permission, a failing disk) is yielded as a :class:`SkippedFile` with
+    ``folder=True``: its files are unknown, not gone.
     """
     for root in normalise_roots(roots):
         if os.path.isfile(root) or os.path.islink(root) and not os.path.isdir(root):
             yield stat_file(root)
             continue
         if not os.path.isdir(root):
-            yield SkippedFile(root, "no such file or folder")
+            yield SkippedFile(root, "no such file or folder", folder=True)
             continue
-        for dirpath, dirnames, filenames in os.walk(root, onerror=None, followlinks=False):
+        unlistable: list[OSError] = []
+        for dirpath, dirnames, filenames in os.walk(root, onerror=unlistable.append, followlinks=False):
+            while unlistable:
+                exc = unlistable.pop()
+                yield SkippedFile(exc.filename or dirpath, f"unreadable folder ({exc.strerror or exc})", folder=True)
             dirnames.sort()
             for name in sorted(filenames):
                 if is_image_name(name):
                     yield stat_file(os.path.join(dirpath, name))
                 elif (kind := unsupported_photo_kind(name)) is not None:
                     yield SkippedFile(os.path.join(dirpath, name), f"unsupported format ({kind})")
+        while unlistable:  # the root itself, or the last folder walked
+            exc = unlistable.pop()
+            yield SkippedFile(exc.filename or root, f"unreadable folder ({exc.strerror or exc})", folder=True)

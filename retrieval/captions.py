@@ -129,13 +129,20 @@ class CaptionFile:
 
     def count(self) -> tuple[int, int]:
         """(captions, malformed entries) in the file; raises
-        :class:`CaptionFileError` when it cannot be read as its format."""
+        :class:`CaptionFileError` when it cannot be read as its format. Also
+        sets ``not_utf8``: the captions holding bytes that are not UTF-8
+        (read as U+FFFD, as a file in a legacy encoding gives)."""
         bad = [0]
 
         def note(where, reason):
             bad[0] += 1
 
-        return sum(1 for _ in self.entries(note)), bad[0]
+        good = 0
+        self.not_utf8 = 0
+        for _name, caption in self.entries(note):
+            good += 1
+            self.not_utf8 += "\ufffd" in caption
+        return good, bad[0]
 
     def entries(self, on_bad: BadLine = _ignore) -> Iterator[tuple[str | None, str]]:
         """``(image name or None, caption)`` of each good entry, in file order;
@@ -273,15 +280,27 @@ def _parse_karpathy(path: Path, chunks: Iterator[str], on_bad: BadLine) -> Itera
         ) from None
 
 
+# A first CSV row naming its columns with these words is a header, not a caption.
+CSV_IMAGE_HEADERS = {"image", "images", "filename", "file_name", "file", "image_name", "image_file", "name",
+                     "path", "image_path", "image_id", "img", "id", "url"}
+CSV_CAPTION_HEADERS = {"caption", "captions", "text", "sentence", "description", "raw", "comment", "title",
+                       "alt", "alt_text"}
+
+
 def _parse_csv(lines: Iterable[str], on_bad: BadLine) -> Iterator[tuple[str | None, str]]:
     rows = csv.reader(lines)
+    first = True
     for no, row in enumerate(rows, 1):
         if not row or not any(c.strip() for c in row):
             continue
-        if no == 1 and [c.strip().lower() for c in row[:2]] == ["image", "caption"]:
+        names = [c.strip().lower().replace(" ", "_") for c in row]
+        if first and len(row) == 2 and names[0] in CSV_IMAGE_HEADERS and names[1] in CSV_CAPTION_HEADERS:
+            first = False
             continue
-        if len(row) < 2:
-            on_bad(f"line {no}", "expected two columns: image,caption")
+        first = False
+        if len(row) != 2:
+            on_bad(f"line {no}", f"expected two columns, image,caption, found {len(row)} "
+                                 "(put a caption that holds commas in double quotes)")
             continue
         cap = clean_caption(row[1])
         if cap is None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from .errors import XmrError, database_error_detail
+from .errors import XmrError, database_error_advice, database_error_detail, os_error_message
 
 log = logging.getLogger("xmr")
 
@@ -42,10 +42,11 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except XmrError as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:  # a full disk, a permission, a read-only folder: one line, not a traceback
+            raise click.ClickException(os_error_message(exc)) from None
         except DatabaseError as exc:  # damaged after it opened: say so in one line
-            raise click.ClickException(
-                f"the index database failed ({database_error_detail(exc)}); if it is damaged, move the index "
-                "folder aside and index again (your images are untouched)") from None
+            detail = database_error_detail(exc)
+            raise click.ClickException(f"the index database failed ({detail}); {database_error_advice(detail)}") from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -118,9 +119,16 @@ def _print_images(hits, engine, under: str | None = None) -> None:
 @click.option("--processes", type=click.IntRange(0, 256), default=0, show_default=True,
               help="Decode in this many worker processes instead of threads (many-core machines feeding a GPU).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no per-file skip messages.")
+@click.option("--prune", is_flag=True,
+              help="Also remove images whose whole folder is missing, empty or unreadable (kept as offline "
+                   "otherwise: an unmounted drive or share keeps its images).")
 @click.pass_context
-def index(ctx, paths, model, batch_size, threads, processes, quiet):
-    """Index image files and folders (recursively; incremental)."""
+def index(ctx, paths, model, batch_size, threads, processes, quiet, prune):
+    """Index image files and folders (recursively; incremental).
+
+    A file deleted from a folder leaves the index. A folder that is missing,
+    empty or unreadable as a whole (an unmounted drive, a network share, no
+    permission) keeps its images, reported as offline; --prune removes them."""
     import time
 
     engine = _open(ctx, model=model, create=True)
@@ -146,20 +154,27 @@ def index(ctx, paths, model, batch_size, threads, processes, quiet):
 
     try:
         summary = engine.index(paths, on_skip=on_skip, progress=progress, on_total=on_total,
-                               batch_size=batch_size, threads=threads, processes=processes)
+                               batch_size=batch_size, threads=threads, processes=processes, prune=prune)
     except KeyboardInterrupt:
         if bar:
             bar.close()
         click.echo(f"interrupted: {engine.store.count_images()} images in {engine.index_dir} are kept; "
                    "run the same command again to index the rest", err=True)
         ctx.exit(130)
-    if bar:
-        bar.close()
+    finally:  # an error message then starts on a line of its own
+        if bar:
+            bar.close()
     d = summary.to_dict()
     rate = summary.embedded / summary.seconds if summary.seconds else 0.0
     skipped = ", ".join(f"{n} {r}" for r, n in sorted(d["skipped"].items())) or "none"
     click.echo(f"added {d['added']}, updated {d['updated']}, moved {d['moved']}, removed {d['removed']}, "
                f"unchanged {d['unchanged']}; skipped: {skipped}")
+    if d["offline"]:
+        folders = sorted(d["offline_folders"])
+        shown = ", ".join(_shown(f) for f in folders[:3]) + (f" and {len(folders) - 3} more" if len(folders) > 3 else "")
+        click.echo(f"offline: kept {d['offline']} images whose folder is missing, empty or unreadable ({shown}); "
+                   "reconnect it and index again, or remove them with: xmr index --prune "
+                   + " ".join(_shown(p) for p in paths), err=True)
     speed = f"{rate:.1f} images/s embedded" if summary.embedded else "nothing to embed"
     click.echo(f"{engine.store.count_images()} images in {engine.index_dir} ({speed}, {summary.seconds:.1f} s)")
 
@@ -220,12 +235,17 @@ def captions_import(ctx, file, fmt):
         if n:
             bar = _progress("importing captions", n, unit="caption")
 
-    result = engine.import_captions(file, fmt, on_bad, progress=lambda n: bar.update(n) if bar else None,
-                                    on_total=on_total)
-    if bar:
-        bar.close()
+    try:
+        result = engine.import_captions(file, fmt, on_bad, progress=lambda n: bar.update(n) if bar else None,
+                                        on_total=on_total)
+    finally:  # an error message then starts on a line of its own
+        if bar:
+            bar.close()
     click.echo(f"imported {result['imported']} captions ({result['duplicates']} already there, "
                f"{result['malformed']} malformed entries skipped); {result['total']} in the collection")
+    if result["not_utf8"]:
+        click.echo(f"warning: {result['not_utf8']} captions of {_shown(file)} hold bytes that are not UTF-8, "
+                   "imported with \ufffd in their place; save the file as UTF-8 for the exact text", err=True)
 
 
 @cli.command()

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from indexer.decode import BadImage, decode_image
-from indexer.lock import IndexLock
+from indexer.lock import IndexLock, ReadWriteLock
 from indexer.pipeline import Indexer, IndexSummary
 from indexer.store import TOKEN_FILE_KEY, Store, StoreError
 from indexer.tokens import DEFAULT_FILE as TOKENS_DEFAULT_FILE
-from indexer.tokens import TokenStore
+from indexer.tokens import TokenShapeMismatch, TokenStore, TokenStoreDamaged
 from indexer.vectors import COMPRESS_LIMIT, EXACT_LIMIT, VectorIndex, build_index, spec_still_fits
 from reranker.base import ImageCandidate, Reranker, fuse, rerank_order
 
@@ -28,7 +28,7 @@ from .captions import CaptionFile
 from .encoders import DEFAULT_MODEL, DualEncoder, create_encoder
 from .encoders.querybank import augment_items, augment_queries
 from .errors import (CaptionFileError, ImageUnusable, IndexNeedsUpgrade, IndexNotFound, IndexUnusable, ModelMismatch,
-                     QueryError, database_error_detail)
+                     PathNotFound, QueryError, database_error_detail)
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,14 @@ class CaptionHit:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class IndexedFile:
+    id: int
+    path: str
+    size: int
+    sha256: str
+
+
 def _check_k(k: int) -> int:
     if not isinstance(k, int) or k < 1 or k > MAX_K:
         raise QueryError(f"k must be between 1 and {MAX_K}, got {k}")
@@ -86,7 +94,8 @@ def _check_k(k: int) -> int:
 
 
 def _check_query(text: str) -> str:
-    text = " ".join(str(text).split())
+    # control characters (a NUL, an escape) count as spaces: a query of them alone is empty
+    text = " ".join("".join(c if c.isprintable() else " " for c in str(text)).split())
     if not text:
         raise QueryError("the query is empty; type some words describing the image you want")
     if len(text) > MAX_QUERY_CHARS:
@@ -128,13 +137,20 @@ class Engine:
         self.exact_limit = exact_limit
         self.compress_limit = compress_limit
         self._indexes: dict[str, VectorIndex] = {}
+        # searches on several threads (the server) read the FAISS indexes
+        # together; bringing one up to date waits for them and they for it
+        self._faiss_rw = ReadWriteLock()
         self._lock = IndexLock(self.index_dir)
         # the model version the stored items were made with, where it is an
         # earlier one that :meth:`upgrade` must bring up to date before use
         self.pending_upgrade: str | None = None
         shape = getattr(encoder, "token_shape", None)
         token_file = store.get_meta().get(TOKEN_FILE_KEY, TOKENS_DEFAULT_FILE)
-        self.tokens = TokenStore(self.index_dir, shape, token_file) if shape else None
+        try:
+            self.tokens = TokenStore(self.index_dir, shape, token_file) if shape else None
+        except TokenShapeMismatch as exc:
+            raise IndexUnusable(f"{exc}: the index's region tokens belong to another model; rebuild it in a new "
+                                "index folder: xmr --index NEW_DIR index FOLDER") from None
 
     # -- opening ----------------------------------------------------------------
     @classmethod
@@ -280,6 +296,14 @@ class Engine:
         cached = self._indexes.get(name)
         if cached is not None and cached.generation == gen:
             return cached
+        with self._faiss_rw.write():
+            return self._refresh(name)
+
+    def _refresh(self, name: str) -> VectorIndex:
+        gen = self.store.generation(name)
+        cached = self._indexes.get(name)
+        if cached is not None and cached.generation == gen:  # another thread did it while we waited
+            return cached
         path = self.index_dir / f"{name}.faiss"
         index, start, touched = None, None, None
         for candidate in (lambda: cached, lambda: self._load_file(path)):
@@ -297,7 +321,11 @@ class Engine:
             self.store.set_meta(**{f"{name}_factory": index.spec.factory, f"{name}_params": index.spec.params})
         with self._lock.hold(wait=False) as writable:  # a writer elsewhere: its run writes the file
             if writable:
-                self._write_back(index, name, path, start, touched)
+                try:
+                    self._write_back(index, name, path, start, touched)
+                except OSError as exc:  # housekeeping: the store is the truth, the file is written next time
+                    log.warning("%s not saved (%s); the index works from memory and the file is written "
+                                "on a later run", path.name, exc.strerror or exc)
         self._indexes[name] = index
         return index
 
@@ -325,10 +353,18 @@ class Engine:
     # -- indexing ---------------------------------------------------------------
     def index(self, paths, on_skip: Callable | None = None, progress: Callable | None = None,
               on_total: Callable | None = None, batch_size: int = 32, threads: int | None = None,
-              processes: int = 0) -> IndexSummary:
+              processes: int = 0, prune: bool = False) -> IndexSummary:
         """Bring the index up to date with ``paths``. ``processes > 0`` decodes
         in that many worker processes instead of threads (many cores feeding a
-        GPU); models whose preprocessing cannot leave the process use threads."""
+        GPU); models whose preprocessing cannot leave the process use threads.
+        Images whose whole folder is missing, empty or unreadable are kept
+        (``summary.offline``) unless ``prune``. A path that does not exist and
+        holds no indexed image is refused (:class:`PathNotFound`): a typo.
+        Images whose region tokens are damaged are embedded again."""
+        roots = [os.path.abspath(os.fspath(p)) for p in paths]
+        for root in roots:
+            if not os.path.lexists(root) and next(iter(self.store.iter_rows_under([root])), None) is None:
+                raise PathNotFound(f"{root}: no such file or folder, and nothing indexed there")
         enc = self.encoder
         prepare = enc.prepare
         if processes:
@@ -341,10 +377,32 @@ class Engine:
                               threads=threads, draft_size=enc.input_size, tokens=self.tokens,
                               bias=self.querybank.image_bias if self.querybank is not None else None,
                               processes=processes)
-            summary = indexer.run(paths, on_skip=on_skip, progress=progress, on_total=on_total)
+            damaged = self._damaged_token_paths(roots)
+            summary = indexer.run(roots, on_skip=on_skip, progress=progress, on_total=on_total, prune=prune,
+                                  force=damaged)
             self._index("images")
             self._compact_tokens()
         return summary
+
+    def _damaged_token_paths(self, roots: list[str]) -> set[str]:
+        """Paths of the images whose region tokens are missing from the token
+        file or fail their checksums (a truncated, zeroed or deleted file), to
+        be embedded again. Call with the writer lock held."""
+        if self.tokens is None:
+            return set()
+        ids, slots = self.store.live_token_slots()
+        bad = set(self.tokens.check(slots))
+        if not bad:
+            return set()
+        bad_ids = [int(i) for i, s in zip(ids, slots) if int(s) in bad]
+        paths = {row.path for row in self.store.image_rows(bad_ids).values()}
+        inside = {p for p in paths if any(p == r or p.startswith(r.rstrip(os.sep) + os.sep) for r in roots)}
+        log.warning("the region tokens of %d image%s are damaged (%s); embedding %s again", len(paths),
+                    "s" if len(paths) != 1 else "", self.tokens.path.name, "them" if len(paths) != 1 else "it")
+        if len(inside) < len(paths):
+            log.warning("%d of them lie outside the folders named; index their folders too to rebuild theirs",
+                        len(paths) - len(inside))
+        return inside
 
     def remove(self, paths) -> int:
         with self._writing():
@@ -395,7 +453,7 @@ class Engine:
         with self._writing():
             imported = self._add_captions(path, entries, n_good, progress, on_total)
         return {"imported": imported, "duplicates": n_good - imported, "malformed": n_bad,
-                "total": self.store.count_captions()}
+                "not_utf8": file.not_utf8, "total": self.store.count_captions()}
 
     def _add_captions(self, path, pairs: Iterable, n_pairs: int, progress: Callable | None,
                       on_total: Callable | None, batch: int = 256) -> int:
@@ -475,7 +533,7 @@ class Engine:
             try:
                 arrays = self.tokens.get(list(slots.values()))
                 return dict(zip(slots.keys(), arrays))
-            except (FileNotFoundError, KeyError):  # compacted again between the read and the open
+            except (FileNotFoundError, TokenStoreDamaged):  # compacted again between the read and the open?
                 if retries == 0:
                     raise
                 retries -= 1
@@ -493,9 +551,10 @@ class Engine:
         """Delete token files the database no longer names (the one a compaction
         replaced, or what a killed one left). Call with the writer lock held: a
         search still reading a deleted file keeps its open map, or retries."""
-        keep = self.tokens.path.name
-        for stale in [*self.index_dir.glob("tokens*.f16"), *self.index_dir.glob("tokens*.f16.*.tmp")]:
-            if stale.name != keep:
+        keep = {self.tokens.path.name, self.tokens.sums_path.name}
+        for stale in [*self.index_dir.glob("tokens*.f16"), *self.index_dir.glob("tokens*.f16.crc"),
+                      *self.index_dir.glob("tokens*.f16.*tmp")]:
+            if stale.name not in keep:
                 stale.unlink(missing_ok=True)
 
     def _compact_tokens(self) -> None:
@@ -513,7 +572,7 @@ class Engine:
         name = f"tokens-{int(m.group(1)) + 1 if m else 1}.f16"
         try:
             new = self.tokens.compact_into(name, slots)
-        except (OSError, KeyError) as exc:  # housekeeping: the index stays as it was
+        except (OSError, TokenStoreDamaged) as exc:  # housekeeping: the index stays as it was
             log.warning("token store not compacted (%s); it stays as it was", exc)
             return
         self.store.switch_token_file(name, ids)
@@ -533,7 +592,8 @@ class Engine:
         fetch = n + (leave_out is not None)
         if not index.exact_scores:
             fetch *= RESCORE_FACTOR
-        scores, ids = index.search(query, fetch, allowed)
+        with self._faiss_rw.read():
+            scores, ids = index.search(query, fetch, allowed)
         rows = (self.store.image_rows if name == "images" else self.store.caption_rows)(
             ids[0][ids[0] >= 0].tolist())
         found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if int(i) in rows and int(i) != leave_out]
@@ -576,15 +636,19 @@ class Engine:
         path = os.path.abspath(os.fspath(image_path))
         row = self.store.image_by_path(path)
         if row is not None:
-            toks = self._tokens([row.id]).get(row.id)
-            return ImageCandidate(row.id, np.frombuffer(row.embedding, np.float32), toks,
-                                  load=lambda: decode_image(path, PIXEL_RERANK_SIZE).image)
+            try:
+                toks = self._tokens([row.id]).get(row.id)
+                return ImageCandidate(row.id, np.frombuffer(row.embedding, np.float32), toks,
+                                      load=lambda: decode_image(path, PIXEL_RERANK_SIZE).image)
+            except TokenStoreDamaged as exc:  # embed the file again, as if it were not indexed
+                _warn_damaged(exc)
         try:
             decoded = decode_image(path, self.encoder.input_size)
         except BadImage as exc:
             raise ImageUnusable(f"{path}: cannot use this image ({exc})", exc.reason, exc.detail) from None
         vecs, toks = self.encoder.encode_images_with_tokens([self.encoder.prepare(decoded.image)])
-        return ImageCandidate(None, vecs[0], None if toks is None else toks[0], load=lambda: decoded.image)
+        return ImageCandidate(None if row is None else row.id, vecs[0], None if toks is None else toks[0],
+                              load=lambda: decoded.image)
 
     def similar(self, image_path: str | os.PathLike, k: int = 10, under: str | None = None) -> list[ImageHit]:
         """Image -> similar images (the query image itself is left out)."""
@@ -598,6 +662,12 @@ class Engine:
         ids, scores, rows = self._recall("images", self._query_vectors(q.embedding, corrected=False), k, allowed,
                                          leave_out=q.id)
         return [ImageHit(r + 1, float(s), rows[i].path, i, float(s), False) for r, (i, s) in enumerate(zip(ids, scores))]
+
+    def image_file(self, image_id: int) -> IndexedFile | None:
+        """What the index recorded of an image's file (to check it is still the
+        file that was indexed), or None when the id is not in the index."""
+        row = self.store.image_rows([int(image_id)]).get(int(image_id))
+        return None if row is None else IndexedFile(row.id, row.path, row.size, row.sha256)
 
     def image_path(self, image_id: int) -> str | None:
         """Path of an indexed image, or None when the id is not in the index."""
@@ -641,7 +711,11 @@ class Engine:
         final = scores.astype(np.float64)
         if head == 0:
             return ids, scores, final, 0
-        rr = fuse(score_fn(ids[:head]), scores[:head], self.reranker.fusion_weight)
+        try:
+            rr = fuse(score_fn(ids[:head]), scores[:head], self.reranker.fusion_weight)
+        except TokenStoreDamaged as exc:  # recall order until `xmr index` rebuilds the tokens
+            _warn_damaged(exc)
+            return ids, scores, final, 0
         order = rerank_order(scores[:head], rr)
         ids = [ids[j] for j in order] + ids[head:]
         scores = np.concatenate([scores[:head][order], scores[head:]])
@@ -679,8 +753,15 @@ class Engine:
             return None
         self._follow_token_file()
         slots = self.tokens.n_slots
-        return {"file": self.tokens.path.name, "mb": round(slots * self.tokens.slot_bytes / 2**20, 1),
-                "live_slots": self.store.count_token_slots(), "slots": slots}
+        _ids, live = self.store.live_token_slots()
+        info = {"file": self.tokens.path.name, "mb": round(slots * self.tokens.slot_bytes / 2**20, 1),
+                "live_slots": len(live), "slots": slots}
+        beyond = int((live >= slots).sum())
+        if beyond:
+            info["problem"] = (f"{beyond} images point beyond the end of {self.tokens.path.name} (truncated or "
+                               "deleted): their searches are not reranked; run xmr index on their folders to "
+                               "rebuild the tokens")
+        return info
 
 
 def _open_store(db: Path) -> Store:
@@ -706,6 +787,11 @@ def _saved_generation(path: Path) -> int | None:
         return json.loads(path.with_name(path.name + ".json").read_text()).get("generation")
     except (OSError, ValueError):
         return None
+
+
+def _warn_damaged(exc: TokenStoreDamaged) -> None:
+    log.warning("region tokens damaged (%s): results in recall order, not reranked; run xmr index on the "
+                "indexed folders to rebuild them", exc)
 
 
 def _own_reranker(enc: DualEncoder) -> Reranker | None:

@@ -54,3 +54,36 @@ class FakeEncoder(DualEncoder):
             v[3] += 0.01
             out.append(v)
         return np.stack(out)
+
+
+class TokenEncoder(FakeEncoder):
+    """FakeEncoder with region tokens: each image's tokens are its vector's first 8 values."""
+
+    token_shape = (2, 4)
+
+    def encode_images_with_tokens(self, prepared):
+        vecs = self.encode_images(prepared)
+        return vecs, vecs[:, :8].reshape(-1, 2, 4).astype(np.float16)
+
+
+class TokenReranker:
+    """A reranker that reads region tokens (as the real one does): a pair
+    scores the dot product of the text's vector with the image's tokens, so
+    damaged tokens change the order. Counts its calls."""
+
+    name = "fake-tokens"
+    fusion_weight = 0.0
+
+    def __init__(self):
+        self.calls = 0
+
+    def score_text_images(self, text, text_emb, images):
+        self.calls += 1
+        if any(c.tokens is None for c in images):
+            raise ValueError("no region tokens")
+        return np.array([float(np.asarray(c.tokens, np.float32).reshape(-1) @ text_emb[:8]) for c in images])
+
+    def score_image_texts(self, image, texts, text_embs):
+        self.calls += 1
+        t = np.asarray(image.tokens, np.float32).reshape(-1)
+        return np.asarray(text_embs, np.float32)[:, :8] @ t

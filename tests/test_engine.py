@@ -13,7 +13,7 @@ from retrieval.engine import Engine
 from retrieval.errors import CaptionFileError, ModelMismatch, QueryError
 
 from .conftest import make_image
-from .fakes import COLORS, FakeEncoder
+from .fakes import COLORS, FakeEncoder, TokenEncoder
 
 
 def open_engine(tmp_path, encoder=None):
@@ -213,14 +213,6 @@ def test_avif_indexes_and_unreadable_photo_formats_are_reported(tmp_path):
         assert os.path.basename(eng.search("blue", k=1)[0].path) == "blue.avif"
 
 
-class _TokenEncoder(FakeEncoder):
-    """FakeEncoder with region tokens: each image's tokens are its vector's first 8 values."""
-
-    token_shape = (2, 4)
-
-    def encode_images_with_tokens(self, prepared):
-        vecs = self.encode_images(prepared)
-        return vecs, vecs[:, :8].reshape(-1, 2, 4).astype(np.float16)
 
 
 def test_token_store_is_compacted_and_readers_follow(tmp_path, photos, monkeypatch):
@@ -231,12 +223,12 @@ def test_token_store_is_compacted_and_readers_follow(tmp_path, photos, monkeypat
     from retrieval import engine as engine_mod
 
     monkeypatch.setattr(engine_mod, "COMPACT_MIN_DEAD_SLOTS", 2)
-    eng = open_engine(tmp_path, _TokenEncoder())
+    eng = open_engine(tmp_path, TokenEncoder())
     eng.index([photos])
     n = eng.store.count_images()
-    reader = open_engine(tmp_path, _TokenEncoder())
+    reader = open_engine(tmp_path, TokenEncoder())
     assert reader._tokens([1])  # maps the first file
-    stale_writer = open_engine(tmp_path, _TokenEncoder())  # opened before the compaction, writes after it
+    stale_writer = open_engine(tmp_path, TokenEncoder())  # opened before the compaction, writes after it
     idx = tmp_path / "index"
     assert (idx / "tokens.f16").exists()
     files = sorted(p for p in photos.rglob("*") if p.is_file())
@@ -249,8 +241,8 @@ def test_token_store_is_compacted_and_readers_follow(tmp_path, photos, monkeypat
     assert eng.tokens.n_slots == n - 1
     assert eng.status()["token_store"] | {"mb": 0} == {"file": "tokens-1.f16", "mb": 0, "live_slots": n - 1,
                                                         "slots": n - 1}
-    enc = _TokenEncoder()
-    for e in (eng, reader, open_engine(tmp_path, _TokenEncoder())):
+    enc = TokenEncoder()
+    for e in (eng, reader, open_engine(tmp_path, TokenEncoder())):
         rows = {r[1]: r[0] for r in e.store.iter_rows_under([str(photos)])}
         toks = e._tokens(list(rows.values()))
         assert len(toks) == len(rows) == n - 1
@@ -261,7 +253,7 @@ def test_token_store_is_compacted_and_readers_follow(tmp_path, photos, monkeypat
     (idx / "tokens-2.f16").write_bytes(b"left by a compaction killed before its switch")
     (idx / "tokens-2.f16.999.tmp").write_bytes(b"killed while copying")
     stale_writer.index([tmp_path / "late"])
-    assert sorted(p.name for p in idx.glob("tokens*")) == ["tokens-1.f16", "tokens.json"]
+    assert sorted(p.name for p in idx.glob("tokens*")) == ["tokens-1.f16", "tokens-1.f16.crc", "tokens.json"]
     assert not (idx / "tokens.f16").exists() and eng.tokens.n_slots == n  # appended to the current file
     late_id = next(iter(eng.store.iter_rows_under([str(tmp_path / "late")])))[0]
     late = decode_image(tmp_path / "late" / "late.jpg", enc.input_size).image
@@ -479,7 +471,9 @@ def test_overlapping_roots_index_each_file_once(tmp_path, photos):
     s = eng.index([photos / "red.jpg"])  # a single file of the collection: the others stay
     assert (s.unchanged, s.removed) == (1, 0) and eng.store.count_images() == 5
     os.remove(photos / "sub" / "red2.png")
-    s = eng.index([photos / "sub"])
+    s = eng.index([photos / "sub"])  # its folder now holds no image: offline, kept
+    assert s.removed == 0 and sum(s.offline.values()) == 1 and eng.store.count_images() == 5
+    s = eng.index([photos / "sub"], prune=True)
     assert s.removed == 1 and eng.store.count_images() == 4
 
 

@@ -155,7 +155,7 @@ def test_karpathy_json_and_errors(tmp_path):
 
 
 def test_token_store_append_get_and_torn_write(tmp_path):
-    from indexer.tokens import TokenStore
+    from indexer.tokens import TokenShapeMismatch, TokenStore, TokenStoreDamaged
 
     ts = TokenStore(tmp_path, (3, 4))
     a = np.arange(24, dtype=np.float16).reshape(2, 3, 4)
@@ -165,9 +165,9 @@ def test_token_store_append_get_and_torn_write(tmp_path):
         f.write(b"\x00" * 7)
     assert ts.append(a[:1]) == [2]
     np.testing.assert_array_equal(ts.get([2]), a[:1])
-    with pytest.raises(ValueError):
+    with pytest.raises(TokenShapeMismatch):
         TokenStore(tmp_path, (3, 5))
-    with pytest.raises(KeyError):
+    with pytest.raises(TokenStoreDamaged):
         ts.get([9])
 
 

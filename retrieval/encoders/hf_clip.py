@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 
 import numpy as np
 from PIL import Image
@@ -23,6 +24,7 @@ class HFClipEncoder(DualEncoder):
         try:
             self.model = AutoModel.from_pretrained(name_or_path)
             self.processor = AutoProcessor.from_pretrained(name_or_path)
+            self._tokenizer_lock = threading.Lock()
         except (OSError, ValueError) as exc:
             raise UnknownModel(
                 f"cannot load Hugging Face model {name_or_path!r}: {str(exc).splitlines()[0]} "
@@ -65,7 +67,8 @@ class HFClipEncoder(DualEncoder):
         padding = "max_length" if "siglip" in type(self.model).__name__.lower() else True
 
         def embed(part):
-            enc = self.processor.tokenizer(part, padding=padding, truncation=True, return_tensors="pt")
+            with self._tokenizer_lock:  # a fast tokenizer refuses concurrent calls that set truncation
+                enc = self.processor.tokenizer(part, padding=padding, truncation=True, return_tensors="pt")
             enc = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
             with torch.inference_mode():
                 return self._as_tensor(self.model.get_text_features(**enc)).float().cpu().numpy()

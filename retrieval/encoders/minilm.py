@@ -13,6 +13,7 @@ tests/test_minilm.py holds it equal to transformers on the real weights.
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -201,6 +202,7 @@ class MiniLMTokenizer:
         self._tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self._tok.no_padding()
         self._tok.no_truncation()
+        self._lock = threading.Lock()
         self.pad_id = self._tok.token_to_id("[PAD]")
         if self.pad_id is None:
             raise ValueError(f"{folder}/tokenizer.json has no [PAD] token")
@@ -208,8 +210,9 @@ class MiniLMTokenizer:
     def __call__(self, texts: list[str], max_length: int, pad_to_max: bool = False):
         """(input_ids, attention_mask) as ``[B, L]`` int64 tensors: [CLS] text [SEP],
         truncated to ``max_length``, padded to the longest text (or to ``max_length``)."""
-        self._tok.enable_truncation(max_length=max_length)
-        encs = self._tok.encode_batch([str(t) for t in texts])
+        with self._lock:  # the truncation setting is shared state: one caller at a time (server threads)
+            self._tok.enable_truncation(max_length=max_length)
+            encs = self._tok.encode_batch([str(t) for t in texts])
         width = max_length if pad_to_max else max((len(e.ids) for e in encs), default=0)
         ids = torch.full((len(encs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(encs), width), dtype=torch.long)

@@ -1,17 +1,19 @@
 """The HTTP API (FastAPI) and the search page.
 
 Images are addressed by their database id only, never by a path from the
-request. Every error is JSON with a fitting status code. Engine calls are
-serialised by a lock: the models and the SQLite connection pool are shared.
+request, and an image file is served only while its content is what was
+indexed (size and SHA-256 of its row): a file swapped for a symlink to
+anything else is refused. Every error is JSON with a fitting status code.
+Requests run in parallel on the server's threads: the engine lets searches
+share its read-only state.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import os
+import mimetypes
 import tempfile
-import threading
 from pathlib import Path
 
 from fastapi import FastAPI, File, HTTPException, Path as PathParam, Query, Request, UploadFile
@@ -22,6 +24,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from indexer.decode import BadImage, decode_image
+from indexer.verify import FileChanged, read_if_unchanged
 
 from ..engine import CaptionHit, ImageHit
 from ..errors import ImageUnusable, XmrError
@@ -47,7 +50,6 @@ def _error(status: int, message: str) -> JSONResponse:
 def create_app(engine, title: str = "xmr") -> FastAPI:
     app = FastAPI(title=title, version="0.1.0", description="Search images by text, captions by image.",
                   responses={400: {"model": ErrorBody}, 404: {"model": ErrorBody}, 422: {"model": ErrorBody}})
-    lock = threading.Lock()
     thumbs: dict[int, bytes] = {}
 
     @app.exception_handler(StarletteHTTPException)
@@ -72,8 +74,7 @@ def create_app(engine, title: str = "xmr") -> FastAPI:
     @app.get("/api/search", response_model=list[ImageHit])
     def search(q: str = Query(..., min_length=1, max_length=1000, description="What to look for"),
                k: int = Query(20, ge=1, le=MAX_K), rerank: bool = True):
-        with lock:
-            hits = engine.search(q, k=k, rerank=rerank)
+        hits = engine.search(q, k=k, rerank=rerank)
         return [h.to_dict() for h in hits]
 
     @app.post("/api/caption", response_model=list[CaptionHit])
@@ -85,8 +86,7 @@ def create_app(engine, title: str = "xmr") -> FastAPI:
             tmp.write(data)
             tmp.flush()
             try:
-                with lock:
-                    hits = engine.caption(tmp.name, k=k, rerank=rerank)
+                hits = engine.caption(tmp.name, k=k, rerank=rerank)
             except ImageUnusable as exc:  # decoded once, by the engine (large JPEGs at reduced size)
                 raise HTTPException(415 if exc.reason == "not an image" else 422,
                                     f"unusable image: {exc.reason}: {exc.detail}") from None
@@ -94,43 +94,48 @@ def create_app(engine, title: str = "xmr") -> FastAPI:
 
     @app.get("/api/captions/{image_id}", response_model=list[CaptionHit])
     def captions_of(image_id: int = PathParam(..., ge=0, le=MAX_ID), k: int = Query(5, ge=1, le=MAX_K), rerank: bool = True):
-        with lock:
-            path = engine.image_path(image_id)
-            if path is None:
-                raise HTTPException(404, "no such image in the index")
-            hits = engine.caption(path, k=k, rerank=rerank)
+        path = engine.image_path(image_id)
+        if path is None:
+            raise HTTPException(404, "no such image in the index")
+        hits = engine.caption(path, k=k, rerank=rerank)
         return [h.to_dict() for h in hits]
 
     @app.get("/api/similar/{image_id}", response_model=list[ImageHit])
     def similar(image_id: int = PathParam(..., ge=0, le=MAX_ID), k: int = Query(20, ge=1, le=MAX_K)):
-        with lock:
-            if engine.image_path(image_id) is None:
-                raise HTTPException(404, "no such image in the index")
-            hits = engine.similar_id(image_id, k=k)
+        if engine.image_path(image_id) is None:
+            raise HTTPException(404, "no such image in the index")
+        hits = engine.similar_id(image_id, k=k)
         return [h.to_dict() for h in hits]
 
     @app.get("/api/status")
     def status():
-        with lock:
-            return engine.status()
+        return engine.status()
 
-    def _indexed_file(image_id: int) -> str:
-        with lock:
-            path = engine.image_path(image_id)
-        if path is None or not os.path.isfile(path):
+    def _indexed_bytes(image_id: int) -> tuple[str, bytes]:
+        """(path, content) of an indexed image whose file is still the one indexed."""
+        f = engine.image_file(image_id)
+        if f is None:
             raise HTTPException(404, "no such image in the index")
-        return path
+        try:
+            return f.path, read_if_unchanged(f.path, f.size, f.sha256)
+        except FileChanged as exc:
+            log.warning("not serving image %d (%s): %s", image_id, f.path, exc)
+            raise HTTPException(404, f"the image file changed since it was indexed ({exc}); "
+                                     "run xmr index on its folder to update the index") from None
 
-    @app.get("/api/image/{image_id}", response_class=FileResponse)
+    @app.get("/api/image/{image_id}", response_class=Response)
     def image(image_id: int = PathParam(..., ge=0, le=MAX_ID)):
-        return FileResponse(_indexed_file(image_id))
+        path, data = _indexed_bytes(image_id)
+        kind = mimetypes.guess_type(path)[0] or "application/octet-stream"
+        return Response(data, media_type=kind if kind.startswith("image/") else "application/octet-stream",
+                        headers={"X-Content-Type-Options": "nosniff"})
 
     @app.get("/api/thumb/{image_id}", response_class=Response)
     def thumb(image_id: int = PathParam(..., ge=0, le=MAX_ID)):
-        path = _indexed_file(image_id)
         if image_id not in thumbs:
+            path, data = _indexed_bytes(image_id)
             try:
-                img = decode_image(path, THUMB_SIZE).image
+                img = decode_image(path, THUMB_SIZE, data).image
             except BadImage as exc:
                 raise HTTPException(404, f"image no longer readable: {exc.reason}") from None
             img.thumbnail((THUMB_SIZE, THUMB_SIZE))
