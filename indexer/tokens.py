@@ -71,6 +71,9 @@ class TokenStore:
             self._write_meta({})
         self._map = None
         self._map_slots = 0
+        # slots found matching their checksums, while the file keeps this (size, mtime)
+        self._checked: set[int] = set()
+        self._checked_stat: tuple[int, int] | None = None
 
     # -- the sidecar ------------------------------------------------------------
     def _read_meta(self) -> dict | None:
@@ -205,17 +208,27 @@ class TokenStore:
         return out
 
     def _mismatched(self, slots: np.ndarray, arrays: np.ndarray) -> list[int]:
+        """Slots among ``slots`` (read as ``arrays``) that fail their checksums.
+        A slot that passed is not hashed again while the file is unchanged
+        (a server reads the same slots over and over)."""
+        st = self.path.stat()
+        if (st.st_size, st.st_mtime_ns) != self._checked_stat:
+            self._checked, self._checked_stat = set(), (st.st_size, st.st_mtime_ns)
         n_sums = self._n_sums()
-        if not n_sums:
-            return []
-        known = slots < n_sums  # slots written before checksums existed have none yet
-        if not known.any():
+        # slots written before checksums existed have none yet
+        todo = [j for j, s in enumerate(slots) if s < n_sums and int(s) not in self._checked]
+        if not todo:
             return []
         with open(self.sums_path, "rb") as f:
             fd = f.fileno()
-            want = [int.from_bytes(os.pread(fd, 4, int(s) * 4), "little") for s in slots[known]]
-        got = [_crc(a.tobytes()) for a in arrays[known]]
-        return [int(s) for s, w, g in zip(slots[known], want, got) if w != g]
+            want = [int.from_bytes(os.pread(fd, 4, int(slots[j]) * 4), "little") for j in todo]
+        bad = []
+        for j, w in zip(todo, want):
+            if _crc(arrays[j].tobytes()) == w:
+                self._checked.add(int(slots[j]))
+            else:
+                bad.append(int(slots[j]))
+        return bad
 
     def check(self, slots: np.ndarray, chunk: int = 256) -> list[int]:
         """The ``slots`` that are damaged: past the file's end, or not matching

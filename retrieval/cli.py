@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from .errors import XmrError, database_error_advice, database_error_detail, os_error_message
+from .threads import share_cpu
 
 log = logging.getLogger("xmr")
 
@@ -57,6 +58,7 @@ class _Group(click.Group):
 @click.pass_context
 def cli(ctx, index_dir, verbose):
     """xmr: search your images by text, find captions for an image, offline."""
+    share_cpu()  # before any command imports torch
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     ctx.obj = {"index_dir": Path(index_dir) if index_dir else default_index_dir()}
