@@ -26,7 +26,7 @@ from .decode import MAX_FILE_BYTES, BadImage, decode_image
 from .spool import Spool
 from .store import Store
 from .tokens import TokenStore
-from .walk import FoundFile, SkippedFile, normalise_roots, scan, stat_file
+from .walk import FoundFile, SkippedFile, lies_below, normalise_roots, scan, stat_file
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +102,6 @@ class Indexer:
         t0 = time.time()
         summary = IndexSummary()
         roots = normalise_roots(roots)
-        self._prune = prune
-        self._force = frozenset(force)
 
         def skip(path: str, reason: str) -> None:
             summary.skipped[reason] += 1
@@ -111,9 +109,10 @@ class Indexer:
                 on_skip(path, reason)
 
         with Spool() as changed:
-            return self._run(roots, changed, skip, summary, progress, on_total, t0)
+            return self._run(roots, changed, skip, summary, progress, on_total, t0, prune, frozenset(force))
 
-    def _run(self, roots, changed: Spool, skip, summary: IndexSummary, progress, on_total, t0) -> IndexSummary:
+    def _run(self, roots, changed: Spool, skip, summary: IndexSummary, progress, on_total, t0,
+             prune: bool, force: frozenset[str]) -> IndexSummary:
         # Compare the walk with the store a chunk of files at a time, and keep
         # the changed ones on disk (``changed``: (file, stored state) pairs), so
         # that memory stays flat whatever the size of the collection, even on
@@ -124,7 +123,7 @@ class Indexer:
             states = self.store.states_of([f.path for f in files])
             for f in files:
                 state = states.get(f.path)
-                if f.path in self._force and state:
+                if f.path in force and state:
                     changed.append((f, (*state[:3], "")))  # no hash matches "": decoded and embedded again
                 elif state and state[1] == f.size and state[2] == f.mtime_ns:
                     summary.unchanged += 1
@@ -162,7 +161,7 @@ class Indexer:
                 gone.append(image_id)
                 gone_by_hash.setdefault(sha, []).append(image_id)
                 folder = os.path.dirname(path)
-                if not self._prune and path not in root_set and (folder not in seen_dirs or _below(path, unlisted)):
+                if not prune and path not in root_set and (folder not in seen_dirs or lies_below(path, unlisted)):
                     offline[image_id] = folder
 
         # Each changed file is read once, on a worker thread: hashed, and
@@ -246,18 +245,6 @@ class Indexer:
         # spawn, not fork: the parent runs model threads that a fork would copy mid-flight
         return ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_init_worker, initargs=(gone_hashes,))
-
-
-def _below(path: str, folders: set[str]) -> bool:
-    """Whether ``path`` lies below one of ``folders``."""
-    if not folders:
-        return False
-    child, up = path, os.path.dirname(path)
-    while up != child:
-        if up in folders:
-            return True
-        child, up = up, os.path.dirname(up)
-    return False
 
 
 def examine(f: FoundFile, state, gone_hashes, draft_size: int | None, prepare: Callable):

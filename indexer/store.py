@@ -356,10 +356,11 @@ class Store:
             row = s.get(MetaRow, TOKEN_FILE_KEY)
             return slots, (row.value if row else None)
 
-    def count_token_slots(self) -> int:
-        """Images whose region tokens are in the token store."""
+    def count_token_slots(self, from_slot: int = 0) -> int:
+        """Images whose region tokens are in the token store (at slot
+        ``from_slot`` or later)."""
         with self.session() as s:
-            return int(s.scalar(select(func.count()).select_from(ImageRow).where(ImageRow.token_slot.is_not(None))))
+            return int(s.scalar(select(func.count()).select_from(ImageRow).where(ImageRow.token_slot >= from_slot)))
 
     def live_token_slots(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids, slots) of every image with tokens, ordered by slot (int64 arrays)."""

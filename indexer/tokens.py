@@ -230,7 +230,7 @@ class TokenStore:
                 bad.append(int(slots[j]))
         return bad
 
-    def check(self, slots: np.ndarray, chunk: int = 256) -> list[int]:
+    def check(self, slots: np.ndarray) -> list[int]:
         """The ``slots`` that are damaged: past the file's end, or not matching
         their checksums. The checksums are read only when the file changed
         since it was last verified whole (its size and mtime are recorded), so
@@ -242,16 +242,12 @@ class TokenStore:
             return bad
         inside = slots[slots < n]
         if len(inside) and self.path.exists():
-            self.ensure_sums()
-            sums = np.fromfile(self.sums_path, _CRC) if self.sums_path.exists() else np.zeros(0, _CRC)
+            self.ensure_sums()  # every slot inside the file has its checksum from here on
+            sums = np.fromfile(self.sums_path, _CRC)
             with open(self.path, "rb") as f:
                 fd = f.fileno()
-                for s in range(0, len(inside), chunk):
-                    part = inside[s : s + chunk]
-                    for slot in part:
-                        data = os.pread(fd, self.slot_bytes, int(slot) * self.slot_bytes)
-                        if slot < len(sums) and _crc(data) != int(sums[slot]):
-                            bad.append(int(slot))
+                bad += [int(slot) for slot in inside
+                        if _crc(os.pread(fd, self.slot_bytes, int(slot) * self.slot_bytes)) != int(sums[slot])]
         if not bad:
             self._mark_verified()
         return sorted(bad)

@@ -56,6 +56,24 @@ def stat_file(path: str) -> FoundFile | SkippedFile:
     return FoundFile(path, st.st_size, st.st_mtime_ns)
 
 
+def lies_below(path: str, folders: set[str]) -> bool:
+    """Whether ``path`` lies below one of ``folders`` (each ancestor looked up
+    in the set)."""
+    if not folders:
+        return False
+    child, up = path, os.path.dirname(path)
+    while up != child:
+        if up in folders:
+            return True
+        child, up = up, os.path.dirname(up)
+    return False
+
+
+def _unlisted(exc: OSError, fallback: str) -> SkippedFile:
+    """A folder ``os.walk`` could not list."""
+    return SkippedFile(exc.filename or fallback, f"unreadable folder ({exc.strerror or exc})", folder=True)
+
+
 def outermost(paths: Iterable[str], is_folder: Callable[[str], bool] = lambda p: True) -> list[str]:
     """``paths`` sorted, without duplicates and without those lying below
     another kept path that ``is_folder`` accepts. Each path's ancestors are
@@ -97,8 +115,7 @@ def scan(roots: Iterable[str | os.PathLike]) -> Iterator[FoundFile | SkippedFile
         unlistable: list[OSError] = []
         for dirpath, dirnames, filenames in os.walk(root, onerror=unlistable.append, followlinks=False):
             while unlistable:
-                exc = unlistable.pop()
-                yield SkippedFile(exc.filename or dirpath, f"unreadable folder ({exc.strerror or exc})", folder=True)
+                yield _unlisted(unlistable.pop(), dirpath)
             dirnames.sort()
             for name in sorted(filenames):
                 if is_image_name(name):
@@ -106,5 +123,4 @@ def scan(roots: Iterable[str | os.PathLike]) -> Iterator[FoundFile | SkippedFile
                 elif (kind := unsupported_photo_kind(name)) is not None:
                     yield SkippedFile(os.path.join(dirpath, name), f"unsupported format ({kind})")
         while unlistable:  # the root itself, or the last folder walked
-            exc = unlistable.pop()
-            yield SkippedFile(exc.filename or root, f"unreadable folder ({exc.strerror or exc})", folder=True)
+            yield _unlisted(unlistable.pop(), root)

@@ -21,6 +21,7 @@ from indexer.pipeline import Indexer, IndexSummary
 from indexer.store import TOKEN_FILE_KEY, Store, StoreError
 from indexer.tokens import DEFAULT_FILE as TOKENS_DEFAULT_FILE
 from indexer.tokens import TokenShapeMismatch, TokenStore, TokenStoreDamaged
+from indexer.walk import lies_below
 from indexer.vectors import COMPRESS_LIMIT, EXACT_LIMIT, VectorIndex, build_index, spec_still_fits
 from reranker.base import ImageCandidate, Reranker, fuse, rerank_order
 
@@ -396,7 +397,7 @@ class Engine:
             return set()
         bad_ids = [int(i) for i, s in zip(ids, slots) if int(s) in bad]
         paths = {row.path for row in self.store.image_rows(bad_ids).values()}
-        inside = {p for p in paths if any(p == r or p.startswith(r.rstrip(os.sep) + os.sep) for r in roots)}
+        inside = {p for p in paths if p in roots or lies_below(p, set(roots))}
         log.warning("the region tokens of %d image%s are damaged (%s); embedding %s again", len(paths),
                     "s" if len(paths) != 1 else "", self.tokens.path.name, "them" if len(paths) != 1 else "it")
         if len(inside) < len(paths):
@@ -753,10 +754,9 @@ class Engine:
             return None
         self._follow_token_file()
         slots = self.tokens.n_slots
-        _ids, live = self.store.live_token_slots()
         info = {"file": self.tokens.path.name, "mb": round(slots * self.tokens.slot_bytes / 2**20, 1),
-                "live_slots": len(live), "slots": slots}
-        beyond = int((live >= slots).sum())
+                "live_slots": self.store.count_token_slots(), "slots": slots}
+        beyond = self.store.count_token_slots(from_slot=slots)
         if beyond:
             info["problem"] = (f"{beyond} images point beyond the end of {self.tokens.path.name} (truncated or "
                                "deleted): their searches are not reranked; run xmr index on their folders to "
