@@ -350,22 +350,54 @@ def serve(ctx, host, port):
 
 
 @cli.command("eval")
-@click.option("--dataset", required=True, type=click.Path(exists=True), help="Flickr8k folder or Karpathy JSON.")
+@click.option("--dataset", type=click.Path(exists=True), help="Flickr8k folder or Karpathy JSON (image <-> caption recall).")
+@click.option("--classes", "classes_dir", type=click.Path(exists=True, file_okay=False),
+              help="A folder with one sub-folder of images per class (zero-shot classification).")
 @click.option("--images", type=click.Path(exists=True, file_okay=False), help="Image folder of a JSON dataset.")
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "dev", "test"]))
-@click.option("--model", default=None, help="Encoder to evaluate (default: xmr-lite2).")
+@click.option("--template", "templates", multiple=True,
+              help='With --classes: a prompt with {} for the class name (repeat to average several). '
+                   'Default: "a photo of a {}."')
+@click.option("--model", default=None, help="Encoder to evaluate (default: the default model).")
 @click.option("--no-rerank", is_flag=True)
 @click.option("--rerank-k", type=click.IntRange(1, 1000), default=20, show_default=True)
 @click.option("--limit", type=int, default=None, help="Only the first N images of the split.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def eval_cmd(ctx, dataset, images, split, model, no_rerank, rerank_k, limit, as_json):
-    """Recall@1/5/10 both ways through the real engine (temporary index)."""
+def eval_cmd(ctx, dataset, classes_dir, images, split, templates, model, no_rerank, rerank_k, limit, as_json):
+    """Measure search quality through the real engine (temporary index).
+
+    \b
+    --dataset: Recall@1/5/10 image -> text and text -> image on a split.
+    --classes: zero-shot classification; each class folder's name (_ read as
+    a space) becomes a caption, image -> caption picks the class. Reports
+    top-1 and top-5 accuracy and text -> image precision at the class size.
+    """
+    if (dataset is None) == (classes_dir is None):
+        raise click.UsageError("give exactly one of --dataset (caption recall) or --classes (zero-shot classes)")
+    _quiet_transformers()
+    progress = None if as_json else _progress
+    if classes_dir is not None:
+        from .engine import DEFAULT_TEMPLATES
+        from .zeroshot import evaluate_classes
+
+        result = evaluate_classes(classes_dir, model=model, templates=templates or DEFAULT_TEMPLATES,
+                                  rerank_ks=(0 if no_rerank else rerank_k,), progress=progress)[0]
+        if as_json:
+            _emit_json(result)
+            return
+        click.echo(f"{result['classes']} classes, {result['images']} images ({result['skipped']} skipped), "
+                   f"{result['templates']} template(s)")
+        click.echo(f"top-1 {result['top1']:.1f}  top-5 {result['top5']:.1f}  "
+                   f"text->image precision {result['text_precision']:.1f}")
+        click.echo(f"(rerank_k={result['rerank_k']}, {result['seconds']:.0f} s)")
+        return
+    if templates:
+        raise click.UsageError("--template goes with --classes")
     from .evaluation import evaluate
 
-    _quiet_transformers()
     result = evaluate(dataset, images, split, model=model, rerank=not no_rerank, rerank_k=rerank_k,
-                      limit=limit, progress=None if as_json else _progress)
+                      limit=limit, progress=progress)
     if as_json:
         _emit_json(result)
         return
@@ -445,6 +477,56 @@ def train(dataset, images, out_dir, image_tower, image_size, embed_dim, text_lay
             summary[stage] = {"dev_rsum": [round(report[stage][k]["rsum"], 1) for k in ("dev_before", "dev_after")],
                               "best_epoch": report[stage]["best_epoch"]}
     click.echo(json.dumps(summary, indent=2))
+
+
+@cli.command("train-heads")
+@click.option("--dataset", required=True, type=click.Path(exists=True), help="Flickr8k folder or Karpathy JSON.")
+@click.option("--images", type=click.Path(exists=True, file_okay=False), help="Image folder of a JSON dataset.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Checkpoint folder to write.")
+@click.option("--cache", "cache_dir", default="runs/feature-cache", show_default=True, type=click.Path(file_okay=False),
+              help="Where tower features are kept between runs.")
+@click.option("--extra-captions", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="CSV (image,caption) of more captions of the train images, matched by name or Flickr id.")
+@click.option("--classes", "class_sets", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="Labelled dev folder (one sub-folder per class) that takes part in choosing the epoch.")
+@click.option("--image-tower", default="efficientnet-lite2", show_default=True,
+              type=click.Choice(["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"]))
+@click.option("--image-head-hidden", type=click.IntRange(0, 8192), default=1024, show_default=True,
+              help="Width of the residual MLP beside the linear image head (0: linear only).")
+@click.option("--text-head-hidden", type=click.IntRange(0, 8192), default=0, show_default=True)
+@click.option("--no-imagenet-channel", is_flag=True, help="Leave out the ImageNet classifier channel.")
+@click.option("--epochs", type=click.IntRange(1, 1000), default=10, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--limit", type=int, default=None, help="Use only the first N images of each split (smoke tests).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def train_heads(dataset, images, out_dir, cache_dir, extra_captions, class_sets, image_tower, image_head_hidden,
+                text_head_hidden, no_imagenet_channel, epochs, lr, limit, seed):
+    """Train a model whose towers stay as pretrained (only the heads learn).
+
+    Tower features are computed once (kept in --cache), so this runs on a
+    CPU in minutes, and the towers keep what they know: the image tower its
+    ImageNet training, the text tower its sentence training. The epoch is
+    chosen on dev: Flickr8k dev recall plus the mean top-1 of the --classes
+    sets.
+    """
+    from .training.heads_job import HeadsJob, run
+    from .training.locked import HeadOptions
+
+    job = HeadsJob(dataset=dataset, images=images, out_dir=out_dir, cache_dir=cache_dir,
+                   extra_captions=list(extra_captions), class_sets=list(class_sets), image_tower=image_tower,
+                   image_head_hidden=image_head_hidden, text_head_hidden=text_head_hidden,
+                   imagenet_channel=not no_imagenet_channel, limit=limit,
+                   options=HeadOptions(epochs=epochs, lr=lr, seed=seed))
+
+    def said(e):
+        click.echo(f"epoch {e['epoch']}: loss {e['loss']}, dev rsum {e['dev_rsum']}"
+                   + (f", zero-shot mean {e['zeroshot_mean']}" if "zeroshot_mean" in e else ""), err=True)
+
+    report = run(job, _progress, on_epoch=said)
+    best = report["dev"]
+    click.echo(f"best epoch {report['best_epoch']}: dev rsum {best['dev_rsum']}"
+               + (f", zero-shot mean {best['zeroshot_mean']}" if "zeroshot_mean" in best else "")
+               + f"; wrote {out_dir}")
 
 
 @cli.command()

@@ -37,6 +37,7 @@ DB_NAME = "xmr.db"
 MAX_K = 1000
 MAX_QUERY_CHARS = 1000
 DEFAULT_RERANK_K = 20
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
 # Rerankers that score pixels (Hugging Face BLIP: 384 px) get images decoded
 # at no less than this short side: JPEGs of any size then decode in draft mode.
 PIXEL_RERANK_SIZE = 1024
@@ -92,6 +93,18 @@ def _check_k(k: int) -> int:
     if not isinstance(k, int) or k < 1 or k > MAX_K:
         raise QueryError(f"k must be between 1 and {MAX_K}, got {k}")
     return k
+
+
+def check_templates(templates: Iterable[str]) -> list[str]:
+    """Prompt templates as given, each checked to hold one ``{}`` for the label."""
+    out = [str(t) for t in templates]
+    if not out:
+        raise QueryError('no template given; a template holds {} where the label goes: "a photo of a {}."')
+    for t in out:
+        if t.count("{}") != 1 or t.replace("{}", "").count("{") or t.replace("{}", "").count("}"):
+            raise QueryError(f"template {t!r} must hold exactly one {{}} (where the label goes) and no other "
+                             'braces, as in "a photo of a {}."')
+    return out
 
 
 def _check_query(text: str) -> str:
@@ -456,16 +469,43 @@ class Engine:
         return {"imported": imported, "duplicates": n_good - imported, "malformed": n_bad,
                 "not_utf8": file.not_utf8, "total": self.store.count_captions()}
 
+    def import_labels(self, labels: list[str], templates: Iterable[str] = DEFAULT_TEMPLATES,
+                      source: str = "labels") -> dict:
+        """Import class labels as captions, the way zero-shot classifiers are
+        built (CLIP's prompt ensembles): each label's vector is the mean of its
+        embeddings in every template (``"a photo of a {}."``), its text is the
+        first template filled in, and its ``image`` field holds the label, so
+        ``caption(path)`` names the label of an image. Labels already imported
+        from ``source`` are kept as they are."""
+        templates = check_templates(templates)
+        labels = list(dict.fromkeys(str(x).strip() for x in labels if str(x).strip()))
+        if not labels:
+            raise CaptionFileError("no labels given")
+        pairs = [(label, templates[0].format(label)) for label in labels]
+
+        def vectors(rows: list[tuple[str | None, str]]):
+            names = [name for name, _ in rows]
+            total = sum(self.encoder.encode_texts([t.format(n) for n in names]) for t in templates)
+            vecs = total / np.linalg.norm(total, axis=1, keepdims=True).clip(1e-12)
+            return vecs.astype(np.float32), (self.querybank.text_bias(vecs) if self.querybank is not None else None)
+
+        with self._writing():
+            imported = self._add_captions(source, pairs, len(pairs), None, None, vectors=vectors, resolve=False)
+        return {"imported": imported, "duplicates": len(pairs) - imported, "templates": len(templates),
+                "total": self.store.count_captions()}
+
     def _add_captions(self, path, pairs: Iterable, n_pairs: int, progress: Callable | None,
-                      on_total: Callable | None, batch: int = 256) -> int:
-        source = str(Path(path).resolve())
+                      on_total: Callable | None, batch: int = 256, vectors: Callable | None = None,
+                      resolve: bool = True) -> int:
+        source = str(Path(path).resolve()) if resolve else str(path)
+        vectors = vectors or (lambda rows: self._caption_vectors([c for _, c in rows]))
         if on_total:
             on_total(n_pairs)
         imported = 0
         for chunk in _batched(pairs, batch):
             fresh = self.store.new_captions(source, chunk)
             if fresh:
-                vecs, biases = self._caption_vectors([c for _, c in fresh])
+                vecs, biases = vectors(fresh)
                 self.store.add_captions(fresh, vecs, source, biases)
                 imported += len(fresh)
             if progress:

@@ -43,6 +43,15 @@ class XmrModelConfig:
     text_max_len: int = 32
     text_trainable_layers: int = 2
     region_grid: int = 7
+    # False: the image tower is fine-tuned with the heads; True: it stays as
+    # pretrained (locked, LiT-style) and only the heads learn
+    image_tower_locked: bool = False
+    # width of a residual MLP beside each linear head (0: linear heads alone)
+    image_head_hidden: int = 0
+    text_head_hidden: int = 0
+    # the tower's own ImageNet classifier as a second image channel: its class
+    # distribution weighs the text side's embeddings of the 1,000 class names
+    imagenet_channel: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,6 +98,7 @@ class XmrDualModel(nn.Module):
         self.config = config
         self.image_tower = build_image_tower(config.image_tower,
                                              pretrained if pretrained_image is None else pretrained_image)
+        classifier = self.image_tower._fc
         self.image_tower._fc = nn.Identity()
         self.mid_block = _mid_block_index(self.image_tower)
         head_dim = self.image_tower._bn1.num_features
@@ -99,6 +109,16 @@ class XmrDualModel(nn.Module):
         self.word_dim = text_dim
         self.image_head = nn.Linear(head_dim, config.embed_dim)
         self.text_head = nn.Linear(text_dim, config.embed_dim)
+        self.image_mlp = _residual_mlp(head_dim, config.image_head_hidden, config.embed_dim)
+        self.text_mlp = _residual_mlp(text_dim, config.text_head_hidden, config.embed_dim)
+        if config.imagenet_channel:
+            self.class_head = classifier  # ImageNet logits from the pooled features
+            # each class name's embedding in the joint space, fixed when the
+            # checkpoint is written (the text side's view of its prompts), so
+            # the image side needs nothing of the text side
+            self.register_buffer("class_embed", torch.zeros(classifier.out_features, config.embed_dim))
+            self.class_log_temp = nn.Parameter(torch.tensor(0.0))
+            self.class_gain = nn.Parameter(torch.tensor(1.0))
         self.logit_scale = nn.Parameter(torch.tensor(float(torch.log(torch.tensor(1 / 0.05)))))
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -144,7 +164,7 @@ class XmrDualModel(nn.Module):
             if i == self.mid_block:
                 mid = x
         x = t._swish(t._bn1(t._conv_head(x)))
-        emb = self.image_head(x.mean(dim=(2, 3)))
+        emb = self.project_image(x.mean(dim=(2, 3)))
         if not with_regions:
             return emb, None
         g = self.config.region_grid
@@ -154,10 +174,39 @@ class XmrDualModel(nn.Module):
         ]
         return emb, levels
 
+    def project_image(self, pooled: torch.Tensor, class_embed: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled tower features -> embedding before normalisation.
+        ``class_embed``: the classes' joint embeddings to use instead of the
+        stored ones (training computes them through the text head it trains)."""
+        emb = self.image_head(pooled)
+        if self.image_mlp is not None:
+            emb = emb + self.image_mlp(pooled)
+        if not self.config.imagenet_channel:
+            return emb
+        probs = torch.softmax(self.class_head(pooled) / self.class_log_temp.exp(), dim=-1)
+        classes = probs @ (self.class_embed if class_embed is None else class_embed)
+        return F.normalize(emb, dim=-1) + self.class_gain * F.normalize(classes, dim=-1)
+
+    def project_text(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Mean-pooled word states -> embedding before normalisation."""
+        emb = self.text_head(pooled)
+        return emb if self.text_mlp is None else emb + self.text_mlp(pooled)
+
     def text_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """Token ids -> (embedding before normalisation, word states ``[B, L, H]``)."""
         hidden = self.text_tower(input_ids, attention_mask)
-        return self.text_head(mean_pool(hidden, attention_mask)), hidden
+        return self.project_text(mean_pool(hidden, attention_mask)), hidden
+
+
+def _residual_mlp(d_in: int, hidden: int, d_out: int) -> nn.Module | None:
+    """Two layers added to a linear head; the last starts at zero, so the sum
+    starts as the linear head alone."""
+    if hidden <= 0:
+        return None
+    mlp = nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, d_out))
+    nn.init.zeros_(mlp[2].weight)
+    nn.init.zeros_(mlp[2].bias)
+    return mlp
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -83,7 +83,7 @@ def is_text_key(key: str) -> bool:
     image.safetensors; a later text.safetensors that carries one (`xmr
     retune-text-head`) replaces it at load time, so the image file, and with
     it the image side's digest, stays byte for byte the same."""
-    return key.startswith(("text_tower.", "text_head."))
+    return key.startswith(("text_tower.", "text_head.", "text_mlp."))
 
 
 def save_text_side(out_dir: str | os.PathLike, dual, config: dict) -> Path:
