@@ -479,6 +479,58 @@ def train(dataset, images, out_dir, image_tower, image_size, embed_dim, text_lay
     click.echo(json.dumps(summary, indent=2))
 
 
+@cli.command("wise-ft")
+@click.argument("model")
+@click.option("--dataset", required=True, type=click.Path(exists=True), help="Flickr8k folder or Karpathy JSON.")
+@click.option("--images", type=click.Path(exists=True, file_okay=False), help="Image folder of a JSON dataset.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="New checkpoint folder.")
+@click.option("--alpha", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
+              help="Weight of the fine-tuned tower against the pretrained one.")
+@click.option("--cache", "cache_dir", default="runs/feature-cache", show_default=True, type=click.Path(file_okay=False),
+              help="Where tower features are kept between runs.")
+@click.option("--extra-captions", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="CSV (image,caption) of more captions of the train images, matched by name or Flickr id.")
+@click.option("--classes", "class_sets", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="Labelled dev folder (one sub-folder per class) that takes part in choosing the channel's gain.")
+@click.option("--gains", default="0,0.3,0.5,0.8", show_default=True, help="Class-channel gains to choose from.")
+@click.option("--temperatures", default="1", show_default=True, help="Class softmax temperatures to choose from.")
+@click.option("--epochs", type=click.IntRange(1, 100), default=2, show_default=True, help="Image-head epochs.")
+def wise_ft(model, dataset, images, out_dir, alpha, cache_dir, extra_captions, class_sets, gains, temperatures,
+            epochs):
+    """Give a fine-tuned model back what its image tower knew (WiSE-FT).
+
+    The image tower moves towards its pretrained weights (--alpha), the image
+    head is retrained against the model's unchanged text side, and the
+    tower's ImageNet classifier joins as a class channel whose gain is
+    chosen on dev (Flickr8k dev and the --classes sets). Then run
+    `xmr quantize` on the new folder for the int8 image graph.
+    """
+    from .encoders import resolve_model
+    from .training.wise import WiseJob, WiseOptions, run
+
+    def floats(text):
+        try:
+            return tuple(float(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise click.BadParameter(f"{text!r}: give comma-separated numbers") from None
+
+    kind, location = resolve_model(model)
+    if kind != "xmr":
+        raise click.BadParameter(f"{model} is not an xmr checkpoint (a built-in model name or a checkpoint folder)")
+    job = WiseJob(model_dir=str(location), dataset=dataset, images=images, out_dir=out_dir, cache_dir=cache_dir,
+                  extra_captions=list(extra_captions), class_sets=list(class_sets),
+                  options=WiseOptions(alpha=alpha, epochs=epochs, gains=floats(gains) or (0.0,),
+                                      temperatures=floats(temperatures) or (1.0,)))
+    try:
+        report = run(job, _progress)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    chosen = report["chosen"]
+    click.echo(f"gain {chosen['gain']}, temperature {chosen['temperature']}: dev rsum {chosen['dev_rsum']}"
+               + (f", zero-shot mean {chosen['zeroshot_mean']}" if "zeroshot_mean" in chosen else "")
+               + f"; wrote {out_dir} (next: xmr quantize {out_dir} --dataset {dataset})")
+
+
 @cli.command("train-heads")
 @click.option("--dataset", required=True, type=click.Path(exists=True), help="Flickr8k folder or Karpathy JSON.")
 @click.option("--images", type=click.Path(exists=True, file_okay=False), help="Image folder of a JSON dataset.")

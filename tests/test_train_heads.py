@@ -98,3 +98,67 @@ def test_train_heads_writes_a_searchable_checkpoint(tiny_dataset, tmp_path, monk
     assert res.exit_code == 0, res.output
     hits = json.loads(res.output)
     assert len(hits) == 10 and {h["path"].rsplit("/", 1)[1] for h in hits} <= set(names)
+
+
+# -- xmr wise-ft -----------------------------------------------------------------
+
+def test_whitened_classes_decorrelate_shared_wording():
+    from retrieval.training.wise import whitened_classes
+
+    gen = torch.Generator().manual_seed(0)
+    shared = torch.randn(16, generator=gen)
+    emb = torch.nn.functional.normalize(3 * shared + torch.randn(50, 16, generator=gen), dim=-1)
+    raw = emb @ emb.T
+    w = torch.nn.functional.normalize(whitened_classes(emb, 0.1), dim=-1)
+    white = w @ w.T
+    off = ~torch.eye(50, dtype=torch.bool)
+    # 16-d random directions have a mean |cos| of about 0.2: the shared part is gone
+    assert raw[off].mean() > 0.5 and white[off].abs().mean() < 0.25
+
+
+def test_choose_keeps_flickr_within_the_noise():
+    from retrieval.training.wise import choose
+
+    rows = [{"gain": 0.0, "dev_rsum": 350.0, "zeroshot_mean": 22.0},
+            {"gain": 0.5, "dev_rsum": 347.0, "zeroshot_mean": 30.0},
+            {"gain": 0.8, "dev_rsum": 340.0, "zeroshot_mean": 32.0}]
+    assert choose(rows, 4.0)["gain"] == 0.5
+    assert choose(rows, 20.0)["gain"] == 0.8
+    assert choose(rows, 0.0)["gain"] == 0.0
+
+
+def test_interpolate_tower_moves_halfway():
+    from retrieval.encoders.xmr_model import build_image_tower
+    from retrieval.training.wise import interpolate_tower
+
+    cfg = XmrModelConfig(image_tower="efficientnet-lite0", image_size=224, embed_dim=8, imagenet_channel=True)
+    model = XmrDualModel(cfg, pretrained=False)
+    before = model.image_tower._conv_stem.weight.detach().clone()
+    pretrained = build_image_tower("efficientnet-lite0").state_dict()["_conv_stem.weight"]
+    interpolate_tower(model, 0.25)
+    np.testing.assert_allclose(model.image_tower._conv_stem.weight.detach().numpy(),
+                               (0.75 * pretrained + 0.25 * before).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_wise_ft_writes_a_model_with_the_class_channel(tiny_dataset, tmp_path, monkeypatch):
+    root, names = tiny_dataset
+    classes = tmp_path / "classes"
+    for i, n in enumerate(names[:6]):  # two made-up classes of three photos each
+        (classes / ("cats" if i < 3 else "dogs")).mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / "Flicker8k_Dataset" / n, classes / ("cats" if i < 3 else "dogs") / n)
+    out = tmp_path / "open"
+    res = CliRunner().invoke(cli, ["wise-ft", "xmr-lite2", "--dataset", str(root), "--out", str(out),
+                                   "--cache", str(tmp_path / "cache"), "--classes", str(classes),
+                                   "--gains", "0,0.5", "--epochs", "1"])
+    assert res.exit_code == 0, res.output
+    meta = checkpoint.read_config(out)
+    assert meta["model"]["imagenet_channel"] and "reranker" not in meta
+    rows = meta["wise_ft"]["selection"]
+    assert [r["gain"] for r in rows] == [0.0, 0.5] and all("classes" in r and "dev_rsum" in r for r in rows)
+    model = checkpoint.load_dual(out)
+    assert float(model.class_gain) == meta["wise_ft"]["chosen"]["gain"]
+    assert (out / "querybank.safetensors").is_file()
+    monkeypatch.setenv("XMR_BACKEND", "torch")
+    index = tmp_path / "index"
+    res = CliRunner().invoke(cli, ["--index", str(index), "index", str(classes), "--model", str(out)])
+    assert res.exit_code == 0, res.output

@@ -94,10 +94,11 @@ def text_features(model: XmrDualModel, texts: list[str], batch: int = 64, progre
 
 
 def cached_images(folder: Path, model: XmrDualModel, paths: list[str], views: tuple[str, ...], n_random: int = 0,
-                  seed: int = 0, progress=None) -> np.ndarray:
-    """:func:`pooled_features`, read from ``folder`` where an earlier run left them."""
+                  seed: int = 0, progress=None, weights: str = "pretrained") -> np.ndarray:
+    """:func:`pooled_features`, read from ``folder`` where an earlier run left
+    them; ``weights`` names the tower's weights (part of the file's key)."""
     key = {"tower": model.config.image_tower, "size": model.config.image_size, "views": list(views),
-           "random": n_random, "seed": seed, "images": [Path(p).name for p in paths]}
+           "random": n_random, "seed": seed, "images": [Path(p).name for p in paths], "weights": weights}
     path = _key_file(folder, "images", key)
     if path.is_file():
         log.info("image features from %s", path)

@@ -106,6 +106,9 @@ def agreement(reference, candidate, pixels: np.ndarray) -> Agreement:
     return Agreement(len(pixels), float(np.median(cos)), float(cos.min()), tok)
 
 
+LARGE_MATRIX = 1_000_000  # weights of a matrix product that is quantized rather than kept float
+
+
 def quantize_graph(fp32_path: Path, out_path: Path, calibration: np.ndarray, batch: int,
                    keep_float_convs: int = KEEP_FLOAT_CONVS) -> Path:
     """Write a QDQ int8 graph of ``fp32_path`` (per-channel int8 weights, uint8
@@ -138,7 +141,11 @@ def _quantize(fp32_path: Path, out_path: Path, calibration: np.ndarray, batch: i
     quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
     graph = onnx.load(str(pre))
     convs = [n.name for n in graph.graph.node if n.op_type == "Conv"]
-    heads = [n.name for n in graph.graph.node if n.op_type in ("Gemm", "MatMul")]
+    # the projection heads stay float (small, and every score passes through
+    # them); a classifier as large as ImageNet's (1.3M weights) is quantized
+    sizes = {t.name: int(np.prod(t.dims)) for t in graph.graph.initializer}
+    heads = [n.name for n in graph.graph.node if n.op_type in ("Gemm", "MatMul")
+             and max((sizes.get(i, 0) for i in n.input), default=0) < LARGE_MATRIX]
     staged = Path(tmp) / "int8.onnx"
     quantize_static(str(pre), str(staged), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
