@@ -115,7 +115,7 @@ def _print_images(hits, engine, under: str | None = None) -> None:
 
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("--model", default=None, help="Encoder for a new index: xmr-lite2 (default), a Hugging Face CLIP/SigLIP name or folder.")
+@click.option("--model", default=None, help="Encoder for a new index: xmr-lite2-open (default), xmr-lite2, a Hugging Face CLIP/SigLIP name or folder.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--threads", type=int, default=None, help="Decoding threads (default: 2 per core, at most 8).")
 @click.option("--processes", type=click.IntRange(0, 256), default=0, show_default=True,

@@ -49,9 +49,19 @@ def test_search_on_missing_index_says_how_to_create(tmp_path):
 
 
 @pytest.mark.slow
+def test_default_model_is_the_open_world_one(tmp_path, mini_images):
+    idx = tmp_path / "index"
+    run(["index", str(mini_images)], idx)
+    status = json.loads(run(["status", "--json"], idx).output)
+    assert status["model"] == "xmr-lite2-open" and status["reranker"] is None and status["querybank"]
+    hits = json.loads(run(["search", "a dog running on the grass", "-k", "3", "--json"], idx).output)
+    assert len(hits) == 3 and not any(h["reranked"] for h in hits)
+
+
+@pytest.mark.slow
 def test_full_cli_flow(tmp_path, mini_images, mini_dataset):
     idx = tmp_path / "index"
-    res = run(["index", str(mini_images)], idx)
+    res = run(["index", str(mini_images), "--model", "xmr-lite2"], idx)  # the model with a reranker
     assert "added 32" in res.output
     res = run(["index", str(mini_images)], idx)
     assert "added 0" in res.output and "unchanged 32" in res.output

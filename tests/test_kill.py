@@ -43,7 +43,8 @@ def wait_for_rows(proc, db, n: int = 4, timeout: float = 300) -> None:
 @pytest.mark.slow
 def test_sigkill_during_indexing_then_resume(tmp_path, mini_images):
     idx = tmp_path / "index"
-    cmd = [sys.executable, "-m", "retrieval.cli", "--index", str(idx), "index", "-q", "--batch-size", "4", str(mini_images)]
+    cmd = [sys.executable, "-m", "retrieval.cli", "--index", str(idx), "index", "-q", "--batch-size", "4",
+           "--model", "xmr-lite2", str(mini_images)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     db = idx / "xmr.db"
     wait_for_rows(proc, db)
@@ -76,7 +77,7 @@ def test_ctrl_c_stops_indexing_cleanly(tmp_path, mini_images):
     import os
 
     idx = tmp_path / "index"
-    cmd = [sys.executable, "-m", "retrieval.cli", "--index", str(idx), "index", "-q", "--batch-size", "4",
+    cmd = [sys.executable, "-m", "retrieval.cli", "--index", str(idx), "index", "-q", "--batch-size", "4", "--model", "xmr-lite2",
            "--processes", "2", str(mini_images)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     db = idx / "xmr.db"

@@ -156,7 +156,7 @@ def test_wise_ft_writes_a_model_with_the_class_channel(tiny_dataset, tmp_path, m
     rows = meta["wise_ft"]["selection"]
     assert [r["gain"] for r in rows] == [0.0, 0.5] and all("classes" in r and "dev_rsum" in r for r in rows)
     model = checkpoint.load_dual(out)
-    assert float(model.class_gain) == meta["wise_ft"]["chosen"]["gain"]
+    assert float(model.class_gain.detach()) == meta["wise_ft"]["chosen"]["gain"]
     assert (out / "querybank.safetensors").is_file()
     monkeypatch.setenv("XMR_BACKEND", "torch")
     index = tmp_path / "index"

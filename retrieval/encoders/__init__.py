@@ -1,7 +1,7 @@
 """Registry of dual encoders.
 
-``create_encoder(name)`` accepts a registered name (``xmr-lite2``, the
-default), a Hugging Face hub name or a local folder of a CLIP-family model
+``create_encoder(name)`` accepts a registered name (``xmr-lite2-open``, the
+default, ``xmr-lite2`` and its variants), a Hugging Face hub name or a local folder of a CLIP-family model
 (``openai/clip-vit-base-patch32``, ``hf:google/siglip-base-patch16-224``),
 or a folder holding an xmr checkpoint (``config.json`` with format
 ``xmr-checkpoint``).
@@ -15,7 +15,7 @@ from pathlib import Path
 from ..errors import UnknownModel
 from .base import DualEncoder, l2_normalize
 
-DEFAULT_MODEL = "xmr-lite2"
+DEFAULT_MODEL = "xmr-lite2-open"
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 
 
