@@ -35,15 +35,9 @@ def evaluate_settings(dataset, images=None, split: str = "test", model: str | No
     paths = [os.path.abspath(r.path) for r in records]
     results = []
     with tempfile.TemporaryDirectory(prefix="xmr-eval-") as tmp:
-        wants_rr = any(n > 0 for n in rerank_ks)
-        engine = Engine.open(Path(tmp) / "index", model=model, create=True, reranker="auto" if wants_rr else "none")
+        engine = temporary_engine(tmp, model, rerank_ks)
         try:
-            bar = progress(f"indexing {split}", len(paths)) if progress else None
-            try:
-                summary = engine.index(paths, progress=bar.update if bar else None)
-            finally:
-                if bar:
-                    bar.close()
+            summary = index_with_bar(engine, paths, f"indexing {split}", progress)
             if summary.skipped:
                 raise RuntimeError(f"{sum(summary.skipped.values())} dataset images could not be indexed: "
                                    f"{dict(summary.skipped)}")
@@ -68,6 +62,22 @@ def evaluate_settings(dataset, images=None, split: str = "test", model: str | No
         finally:
             engine.close()
     return results
+
+
+def temporary_engine(folder: str, model: str | None, rerank_ks) -> Engine:
+    """A new index in ``folder``, with the model's reranker where some setting reranks."""
+    wants_rr = any(k > 0 for k in rerank_ks)
+    return Engine.open(Path(folder) / "index", model=model, create=True, reranker="auto" if wants_rr else "none")
+
+
+def index_with_bar(engine: Engine, paths: list[str], desc: str, progress=None):
+    """``engine.index(paths)`` behind a progress bar from ``progress(desc, total)``."""
+    bar = progress(desc, len(paths)) if progress else None
+    try:
+        return engine.index(paths, progress=bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
 
 
 def _ranks(engine: Engine, records, paths, rerank: bool, rerank_k: int, k: int, progress):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .engine import DEFAULT_TEMPLATES, Engine, check_templates
 from .errors import DatasetError
+from .evaluation import index_with_bar, temporary_engine
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -59,16 +60,10 @@ def evaluate_classes(folder: str | os.PathLike, model: str | None = None,
     data = ClassSet.from_folder(folder)
     out = []
     with tempfile.TemporaryDirectory(prefix="xmr-zeroshot-") as tmp:
-        wants_rr = any(k > 0 for k in rerank_ks)
-        engine = Engine.open(Path(tmp) / "index", model=model, create=True, reranker="auto" if wants_rr else "none")
+        engine = temporary_engine(tmp, model, rerank_ks)
         try:
             paths = [p for p, _ in data.images]
-            bar = progress(f"indexing {data.root.name}", len(paths)) if progress else None
-            try:
-                summary = engine.index(paths, progress=bar.update if bar else None)
-            finally:
-                if bar:
-                    bar.close()
+            summary = index_with_bar(engine, paths, f"indexing {data.root.name}", progress)
             skipped = sum(summary.skipped.values())
             known = set(engine.store.states_of(paths)) if skipped else None
             labelled = [(p, c) for p, c in data.images if known is None or p in known]

@@ -119,6 +119,27 @@ def _parameters(model: XmrDualModel) -> list[torch.nn.Parameter]:
     return params
 
 
+def caption_batches(owner: np.ndarray, n_views: int, batch_size: int, rng: np.random.Generator):
+    """One epoch of ``(caption rows, their image rows, a random view of each)``
+    batches in random order, one caption per image in a batch (so no batch
+    holds a false negative). Every caption is visited; a batch left with
+    fewer than two images is dropped."""
+    perm = rng.permutation(len(owner))
+    for s in range(0, len(owner), batch_size):
+        idx = perm[s : s + batch_size]
+        _, first = np.unique(owner[idx], return_index=True)
+        idx = idx[first]
+        if len(idx) >= 2:
+            yield idx, owner[idx], rng.integers(0, n_views, len(idx))
+
+
+def symmetric_infonce(img: torch.Tensor, txt: torch.Tensor, scale) -> torch.Tensor:
+    """CLIP's loss: row i of ``img`` and ``txt`` are a pair, every other row a negative."""
+    logits = scale * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
+    target = torch.arange(len(img))
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
 def fit_heads(model: XmrDualModel, data: HeadData, opts: HeadOptions, on_epoch=None) -> dict:
     """Train the heads with a symmetric InfoNCE loss (one caption per image in
     a batch, a random view of each image); keep the epoch of the best dev
@@ -134,7 +155,7 @@ def fit_heads(model: XmrDualModel, data: HeadData, opts: HeadOptions, on_epoch=N
     pooled = torch.from_numpy(data.train_pooled)
     text = torch.from_numpy(data.train_text)
     owner = np.asarray(data.train_owner)
-    steps_per_epoch = math.ceil(len(text) / opts.batch_size)
+    steps_per_epoch = math.ceil(len(text) / opts.batch_size)  # an upper bound: short batches are dropped
     opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, opts.lr, total_steps=max(1, opts.epochs * steps_per_epoch),
                                                 pct_start=opts.warmup)
@@ -143,22 +164,11 @@ def fit_heads(model: XmrDualModel, data: HeadData, opts: HeadOptions, on_epoch=N
     model.train()
     for epoch in range(1, opts.epochs + 1):
         t0, losses = time.time(), []
-        perm = rng.permutation(len(text))
-        for s in range(0, len(text), opts.batch_size):
-            idx = perm[s : s + opts.batch_size]
-            _, first = np.unique(owner[idx], return_index=True)  # one caption per image: no false negatives
-            idx = idx[first]
-            if len(idx) < 2:
-                sched.step()
-                continue
-            rows = owner[idx]
-            views = rng.integers(0, pooled.shape[1], len(rows))
+        for idx, rows, views in caption_batches(owner, pooled.shape[1], opts.batch_size, rng):
             class_embed = _class_embed(model, data)
-            img = F.normalize(model.project_image(pooled[rows, views].float(), class_embed), dim=-1)
-            txt = F.normalize(model.project_text(text[idx]), dim=-1)
-            logits = model.logit_scale.exp().clamp(max=100.0) * img @ txt.T
-            target = torch.arange(len(rows))
-            loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+            img = model.project_image(pooled[rows, views].float(), class_embed)
+            txt = model.project_text(text[idx])
+            loss = symmetric_infonce(img, txt, model.logit_scale.exp().clamp(max=100.0))
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -47,7 +47,7 @@ from ..metrics import retrieval_report
 from . import checkpoint
 from .features import cached_images
 from .heads_job import EVAL_VIEWS, ZERO_SHOT_TEMPLATE, extra_caption_pairs
-from .locked import CLASS_TEMPLATES, class_names
+from .locked import CLASS_TEMPLATES, caption_batches, class_names, symmetric_infonce
 
 log = logging.getLogger(__name__)
 
@@ -166,20 +166,8 @@ def fit_image_head(model: XmrDualModel, pooled: torch.Tensor, text: torch.Tensor
     model.train()
     for epoch in range(1, opts.epochs + 1):
         t0, losses = time.time(), []
-        perm = rng.permutation(len(text))
-        for s in range(0, len(text), opts.batch_size):
-            idx = perm[s : s + opts.batch_size]
-            _, first = np.unique(owner[idx], return_index=True)
-            idx = idx[first]
-            if len(idx) < 2:
-                sched.step()
-                continue
-            rows = owner[idx]
-            views = rng.integers(0, pooled.shape[1], len(rows))
-            img = F.normalize(model.project_image(pooled[rows, views]), dim=-1)
-            logits = scale * img @ text[idx].T
-            target = torch.arange(len(rows))
-            loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        for idx, rows, views in caption_batches(owner, pooled.shape[1], opts.batch_size, rng):
+            loss = symmetric_infonce(model.project_image(pooled[rows, views]), text[idx], scale)
             opt.zero_grad()
             loss.backward()
             opt.step()
