@@ -11,6 +11,8 @@ from reranker.losses import matching_loss, mine_hard_negatives, ranking_loss, sa
 from reranker.model import CrossModalReranker, RerankerConfig
 from retrieval.metrics import apply_rerank, i2t_ranks, retrieval_report, t2i_ranks
 
+from .conftest import _dataset
+
 
 def _inputs(b=3, levels=(40, 12), n=9, words=5, d=16):
     torch.manual_seed(0)
@@ -149,16 +151,36 @@ def test_dual_checkpoint_with_a_partial_image_tower_is_refused(tmp_path):
         checkpoint.load_dual(tmp_path)
 
 
-def test_default_model_ships_and_loads_offline():
+@pytest.mark.parametrize("name", ["xmr-lite2", "xmr-lite2-open"])
+def test_shipped_models_fit_the_budget_and_load_offline(name):
     from retrieval.encoders import builtin_models, create_encoder
 
-    assert "xmr-lite2" in builtin_models()
-    size = sum(f.stat().st_size for f in builtin_models()["xmr-lite2"].iterdir())
+    assert name in builtin_models()
+    size = sum(f.stat().st_size for f in builtin_models()[name].iterdir())
     assert size < 40 * 1024 * 1024
-    enc = create_encoder("xmr-lite2", device="cpu")
+    enc = create_encoder(name, device="cpu")
     v = enc.encode_texts(["a dog", "a dog", "two people climbing a mountain"])
     np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
     assert v[0] @ v[1] > 0.999 and v[0] @ v[2] < 0.9
+
+
+def test_open_model_names_imagenet_classes_better_than_the_flickr_model(tmp_path):
+    """The class channel at work: Imagenette photos of four ImageNet classes
+    Flickr8k barely shows, classified through the engine by each model."""
+    from retrieval.encoders import create_encoder
+    from retrieval.engine import Engine
+
+    root = _dataset("zeroshot") / "imagenette"
+    classes = ("church", "golf_ball", "gas_pump", "parachute")
+    photos = [(p, c.replace("_", " ")) for c in classes for p in sorted((root / c).iterdir())[:4]]
+    right = {}
+    for name in ("xmr-lite2-open", "xmr-lite2"):
+        eng = Engine.open(tmp_path / name, create=True, reranker="none", encoder=create_encoder(name, device="cpu"))
+        eng.index([str(p) for p, _ in photos])
+        eng.import_labels([c.replace("_", " ") for c in classes])
+        right[name] = sum(eng.caption(str(p), k=1, rerank=False)[0].image == c for p, c in photos)
+        eng.close()
+    assert right["xmr-lite2-open"] >= 12 and right["xmr-lite2-open"] > right["xmr-lite2"], right
 
 
 def test_text_memory_moves_recall_embeddings_but_not_the_rerankers(mini_dataset):
