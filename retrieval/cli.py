@@ -210,9 +210,44 @@ def similar(ctx, image, k, under, as_json):
     _emit_json([h.to_dict() for h in hits]) if as_json else _print_images(hits, engine, under)
 
 
+MAX_LABEL = 200  # characters: a longer line is not a label
+
+
 @cli.group()
 def captions():
     """Manage the caption collection."""
+
+
+@captions.command("labels")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--template", "templates", multiple=True,
+              help='A prompt with {} for the label (repeat to average several). Default: "a photo of a {}."')
+@click.pass_context
+def captions_labels(ctx, file, templates):
+    """Import a label list (one label a line) as captions, for tagging photos.
+
+    Each label becomes one caption, the mean of its prompts, as zero-shot
+    classifiers are built; `xmr caption PHOTO` then names its best labels.
+    Blank lines and lines starting with # are skipped.
+    """
+    from .engine import DEFAULT_TEMPLATES
+
+    labels, bad = [], 0
+    with open(file, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            label = line.strip()
+            if not label or label.startswith("#"):
+                continue
+            if len(label) > MAX_LABEL or "\ufffd" in label:
+                bad += 1
+                if bad <= 20:
+                    click.echo(f"skipped line {n}: not a label (too long, or not UTF-8)", err=True)
+                continue
+            labels.append(label)
+    engine = _open(ctx.parent, create=True, rerank=False)
+    result = engine.import_labels(labels, templates or DEFAULT_TEMPLATES, source=f"labels:{Path(file).resolve()}")
+    click.echo(f"imported {result['imported']} labels ({result['duplicates']} already there, {bad} lines skipped, "
+               f"{result['templates']} template(s)); {result['total']} captions in the collection")
 
 
 @captions.command("import")

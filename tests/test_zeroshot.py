@@ -102,3 +102,24 @@ def test_cli_eval_wants_one_source(tmp_path, fake_model):
     assert res.exit_code == 2 and "exactly one of --dataset" in res.output
     res = CliRunner().invoke(cli, ["eval", "--classes", str(tmp_path), "--template", "no slot", "--model", "fake"])
     assert res.exit_code != 0 and "exactly one {}" in res.output
+
+
+def test_cli_labels_tag_photos(tmp_path, fake_model):
+    photos = tmp_path / "photos"
+    make_image(photos / "a.png", COLORS["blue"])
+    labels = tmp_path / "labels.txt"
+    labels.write_text("# colours\nred\n\ngreen\nblue\n" + "x" * 300 + "\n")
+    idx = str(tmp_path / "index")
+    args = ["--template", "a {} thing"]
+    res = CliRunner().invoke(cli, ["--index", idx, "index", str(photos), "--model", "fake"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(cli, ["--index", idx, "captions", "labels", str(labels), *args])
+    assert res.exit_code == 0, res.output
+    assert "imported 3 labels" in res.output and "1 lines skipped" in res.output
+    res = CliRunner().invoke(cli, ["--index", idx, "captions", "labels", str(labels), *args])
+    assert "imported 0 labels (3 already there" in res.output
+    res = CliRunner().invoke(cli, ["--index", idx, "caption", str(photos / "a.png"), "-k", "1", "--json",
+                                   "--no-rerank"])
+    assert res.exit_code == 0, res.output
+    hit = json.loads(res.output)[0]
+    assert hit["image"] == "blue" and hit["caption"] == "a blue thing"
