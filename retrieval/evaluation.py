@@ -70,14 +70,20 @@ def temporary_engine(folder: str, model: str | None, rerank_ks) -> Engine:
     return Engine.open(Path(folder) / "index", model=model, create=True, reranker="auto" if wants_rr else "none")
 
 
-def index_with_bar(engine: Engine, paths: list[str], desc: str, progress=None):
-    """``engine.index(paths)`` behind a progress bar from ``progress(desc, total)``."""
-    bar = progress(desc, len(paths)) if progress else None
+def with_bar(progress, desc: str, total: int, work):
+    """``work(update)`` behind a progress bar from ``progress(desc, total)``
+    (``update`` is None without one); the bar is closed however it ends."""
+    bar = progress(desc, total) if progress else None
     try:
-        return engine.index(paths, progress=bar.update if bar else None)
+        return work(bar.update if bar else None)
     finally:
         if bar:
             bar.close()
+
+
+def index_with_bar(engine: Engine, paths: list[str], desc: str, progress=None):
+    """``engine.index(paths)`` behind a progress bar from ``progress(desc, total)``."""
+    return with_bar(progress, desc, len(paths), lambda update: engine.index(paths, progress=update))
 
 
 def _ranks(engine: Engine, records, paths, rerank: bool, rerank_k: int, k: int, progress):

@@ -60,14 +60,20 @@ def save_checkpoint(out_dir: str | os.PathLike, config: dict, dual=None, reranke
     return out
 
 
+def require_new_folder(out: str | os.PathLike) -> None:
+    """Refuse a checkpoint folder that already holds anything."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} exists and is not empty; give a new folder")
+
+
 def copy_checkpoint(src: str | os.PathLike, out: str | os.PathLike) -> dict:
     """Copy the files of checkpoint ``src`` into the new folder ``out`` (refused
     if it holds anything) and return the source's config."""
     import shutil
 
     src, out = Path(src), Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} exists and is not empty; give a new folder")
+    require_new_folder(out)
     meta = read_config(src)
     out.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():

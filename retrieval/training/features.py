@@ -22,13 +22,11 @@ from PIL import Image
 
 from indexer.decode import BadImage, decode_image
 
+from ..encoders.base import embed_by_length
 from ..encoders.preprocess import squash_resize, view_batch
 from ..encoders.xmr_model import XmrDualModel, mean_pool
 
 log = logging.getLogger(__name__)
-
-RANDOM_VIEW = "random"  # a random crop (35-100% of the area, aspect 3:4-4:3), mirrored half the time
-
 
 def _key_file(folder: Path, kind: str, key: dict) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -82,15 +80,14 @@ def text_features(model: XmrDualModel, texts: list[str], batch: int = 64, progre
     from ..encoders.minilm import MiniLMTokenizer
 
     tok = MiniLMTokenizer()
-    out = np.zeros((len(texts), model.word_dim), np.float32)
-    order = np.argsort([len(t) for t in texts], kind="stable")  # similar lengths: little padding
-    for s in range(0, len(texts), batch):
-        idx = order[s : s + batch]
-        ids, mask = tok([texts[i] for i in idx], model.config.text_max_len)
-        out[idx] = mean_pool(model.text_tower(ids, mask), mask).numpy()
+
+    def embed(part: list[str]) -> np.ndarray:
+        ids, mask = tok(part, model.config.text_max_len)
         if progress:
-            progress(len(idx))
-    return out
+            progress(len(part))
+        return mean_pool(model.text_tower(ids, mask), mask).numpy()
+
+    return embed_by_length(texts, batch, embed) if texts else np.zeros((0, model.word_dim), np.float32)
 
 
 def cached_images(folder: Path, model: XmrDualModel, paths: list[str], views: tuple[str, ...], n_random: int = 0,

@@ -18,6 +18,7 @@ import torch
 from ..datasets import load_dataset, split_records
 from ..encoders.xmr_model import XmrDualModel, XmrModelConfig
 from ..errors import DatasetError
+from ..evaluation import with_bar
 from . import checkpoint
 from .features import cached_images, cached_texts
 from .locked import (CLASS_TEMPLATES, ClassSetFeatures, HeadData, HeadOptions, class_names, fit_heads,
@@ -92,16 +93,8 @@ def gather(job: HeadsJob, model: XmrDualModel, progress=None) -> HeadData:
     if job.limit:
         train, dev = train[: job.limit], dev[: job.limit]
 
-    def bar(desc, total):
-        return progress(desc, total) if progress else None
-
     def feats(desc, fn, total):
-        b = bar(desc, total)
-        try:
-            return fn(b.update if b else None)
-        finally:
-            if b:
-                b.close()
+        return with_bar(progress, desc, total, fn)
 
     train_paths = [os.path.abspath(r.path) for r in train]
     train_pooled = feats("train image features", lambda p: cached_images(

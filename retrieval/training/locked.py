@@ -160,7 +160,7 @@ def fit_heads(model: XmrDualModel, data: HeadData, opts: HeadOptions, on_epoch=N
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, opts.lr, total_steps=max(1, opts.epochs * steps_per_epoch),
                                                 pct_start=opts.warmup)
     history = [{"epoch": 0, **evaluate(model, data)}]
-    best = (history[0]["score"], 0, _snapshot(model))
+    best = (history[0]["score"], 0, head_state(model))
     model.train()
     for epoch in range(1, opts.epochs + 1):
         t0, losses = time.time(), []
@@ -181,7 +181,7 @@ def fit_heads(model: XmrDualModel, data: HeadData, opts: HeadOptions, on_epoch=N
         if on_epoch:
             on_epoch(entry)
         if entry["score"] > best[0]:
-            best = (entry["score"], epoch, _snapshot(model))
+            best = (entry["score"], epoch, head_state(model))
     model.load_state_dict(best[2], strict=False)
     model.eval()
     store_class_embed(model, data.class_text)
@@ -195,7 +195,8 @@ def store_class_embed(model: XmrDualModel, class_text: np.ndarray) -> None:
         model.class_embed.copy_(model.project_text(torch.from_numpy(class_text)))
 
 
-def _snapshot(model: XmrDualModel) -> dict:
+def head_state(model: XmrDualModel) -> dict:
+    """A copy of everything but the towers (what training the heads changes)."""
     return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith(("image_tower.",
                                                                                                "text_tower."))}
 

@@ -41,13 +41,16 @@ import torch
 import torch.nn.functional as F
 
 from ..datasets import load_dataset, split_records
+from ..encoders.base import embed_by_length
 from ..encoders.querybank import QueryBank, bank_rows
 from ..encoders.xmr_model import XmrDualModel, XmrModelConfig, build_image_tower
+from ..evaluation import with_bar
 from ..metrics import retrieval_report
 from . import checkpoint
+from .calibrate import corrected_scores
 from .features import cached_images
 from .heads_job import EVAL_VIEWS, ZERO_SHOT_TEMPLATE, extra_caption_pairs
-from .locked import CLASS_TEMPLATES, caption_batches, class_names, symmetric_infonce
+from .locked import CLASS_TEMPLATES, caption_batches, class_names, head_state, image_embeddings, symmetric_infonce
 
 log = logging.getLogger(__name__)
 
@@ -120,30 +123,17 @@ def text_embeddings(model: XmrDualModel, texts: list[str], batch: int = 64) -> t
     from ..encoders.minilm import MiniLMTokenizer
 
     tok = MiniLMTokenizer()
-    out = torch.zeros(len(texts), model.config.embed_dim)
-    order = np.argsort([len(t) for t in texts], kind="stable")
-    for s in range(0, len(texts), batch):
-        idx = order[s : s + batch]
-        ids, mask = tok([texts[i] for i in idx], model.config.text_max_len)
-        out[torch.from_numpy(idx)] = F.normalize(model.text_forward(ids, mask)[0], dim=-1)
-    return out
+
+    def embed(part: list[str]) -> np.ndarray:
+        ids, mask = tok(part, model.config.text_max_len)
+        return F.normalize(model.text_forward(ids, mask)[0], dim=-1).numpy()
+
+    return torch.from_numpy(embed_by_length(texts, batch, embed))
 
 
-def _image_embeddings(model: XmrDualModel, pooled: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        total = sum(F.normalize(model.project_image(pooled[:, v]), dim=-1) for v in range(pooled.shape[1]))
-        return F.normalize(total, dim=-1)
-
-
-def _scores(bank: QueryBank | None, img: np.ndarray, txt: np.ndarray):
-    """(image -> text, text -> image) score matrices ``[I, T]`` as the engine ranks."""
-    if bank is None:
-        s = img @ txt.T
-        return s, s
-    expanded = bank.expand(txt)
-    i2t = img @ expanded.T - bank.text_bias(expanded)[None, :]
-    t2i = img @ expanded.T - bank.image_bias(img)[:, None]
-    return i2t, t2i
+@torch.no_grad()
+def _image_embeddings(model: XmrDualModel, pooled: torch.Tensor) -> np.ndarray:
+    return image_embeddings(model, pooled).numpy()
 
 
 def fit_image_head(model: XmrDualModel, pooled: torch.Tensor, text: torch.Tensor, owner: np.ndarray,
@@ -195,6 +185,7 @@ def run(job: WiseJob, progress=None) -> dict:
 
     opts = job.options
     t0 = time.time()
+    checkpoint.require_new_folder(job.out_dir)  # before the work, not after it
     meta = checkpoint.read_config(job.model_dir)
     model = load_source(job.model_dir)
     interpolate_tower(model, opts.alpha)
@@ -202,13 +193,9 @@ def run(job: WiseJob, progress=None) -> dict:
     tag = f"{checkpoint.image_weights_digest(job.model_dir)[:12]}-wise{opts.alpha:g}"
 
     def feats(desc, paths, views, n_random=0):
-        bar = progress(desc, len(paths)) if progress else None
-        try:
-            return torch.from_numpy(cached_images(cache, model, paths, views, n_random, opts.seed,
-                                                  bar.update if bar else None, weights=tag).astype(np.float32))
-        finally:
-            if bar:
-                bar.close()
+        pooled = with_bar(progress, desc, len(paths), lambda update: cached_images(
+            cache, model, paths, views, n_random, opts.seed, update, weights=tag))
+        return torch.from_numpy(pooled.astype(np.float32))
 
     records = load_dataset(job.dataset, job.images)
     train, dev = split_records(records, "train"), split_records(records, "dev")
@@ -232,7 +219,7 @@ def run(job: WiseJob, progress=None) -> dict:
         sets.append((Path(folder).name, feats(f"{Path(folder).name} features", [p for p, _ in data.images], EVAL_VIEWS),
                      np.array([c for _, c in data.images]),
                      text_embeddings(model, [ZERO_SHOT_TEMPLATE.format(c) for c in data.classes]).numpy()))
-    source_head = copy.deepcopy((model.image_head.state_dict(), model.image_mlp.state_dict() if model.image_mlp else None))
+    source = head_state(model)  # every setting's head starts from the source model's
 
     # the query bank: its captions as they were (same text side), its images through the new image side
     like = QueryBank.load(job.model_dir, **meta["querybank"]) if meta.get("querybank") else None
@@ -246,35 +233,33 @@ def run(job: WiseJob, progress=None) -> dict:
     def bank_for():
         if like is None:
             return None
-        images = _image_embeddings(model, train_pooled[:, : len(EVAL_VIEWS)]).numpy()
+        images = _image_embeddings(model, train_pooled[:, : len(EVAL_VIEWS)])
         return QueryBank(text[keep].numpy(), images, like.beta, like.alpha, owner[keep], memory)
 
     rows, states = [], []
     for temp in opts.temperatures:
         for gain in opts.gains:
+            model.load_state_dict(source, strict=False)
             with torch.no_grad():
                 model.class_log_temp.fill_(math.log(temp))
                 model.class_gain.fill_(gain)
-            model.image_head.load_state_dict(source_head[0])
-            if model.image_mlp is not None:
-                model.image_mlp.load_state_dict(source_head[1])
             history = fit_image_head(model, train_pooled, text, owner, opts)
             bank = bank_for()
-            img = _image_embeddings(model, dev_pooled).numpy()
-            i2t, t2i = _scores(bank, img, dev_text)
+            img = _image_embeddings(model, dev_pooled)
+            i2t, t2i = corrected_scores(bank, img, dev_text)
             row = {"temperature": temp, "gain": gain, "image_head_loss": history[-1]["loss"],
                    "dev_rsum": round(retrieval_report(i2t, dev_owner, sim_t2i=t2i)["rsum"], 2)}
             for name, pooled, labels, prompts_set in sets:
-                i2c, _ = _scores(bank, _image_embeddings(model, pooled).numpy(), prompts_set)
+                i2c, _ = corrected_scores(bank, _image_embeddings(model, pooled), prompts_set)
                 row[name] = round(100.0 * float((i2c.argmax(1) == labels).mean()), 2)
             if sets:
                 row["zeroshot_mean"] = round(float(np.mean([row[s[0]] for s in sets])), 2)
             rows.append(row)
             log.info("channel %s", row)
-            states.append((bank, copy.deepcopy(model.state_dict())))
+            states.append((bank, head_state(model)))  # the towers are the same for every setting
     row = choose(rows, opts.max_dev_drop)
     bank, state = states[rows.index(row)]
-    model.load_state_dict(state)
+    model.load_state_dict(state, strict=False)
     report = {"source": str(job.model_dir), "options": opts.to_dict(),
               "captions": len(caps), "extra_captions": [str(p) for p in job.extra_captions],
               "class_sets": [str(p) for p in job.class_sets], "selection": rows, "chosen": row,
@@ -284,11 +269,10 @@ def run(job: WiseJob, progress=None) -> dict:
 
 
 def write(job: WiseJob, model: XmrDualModel, meta: dict, bank: QueryBank | None, report: dict) -> None:
-    """The new checkpoint: the source's text side and settings, the new image
-    side, the rebuilt bank; no reranker and no int8 graph (``xmr quantize``)."""
+    """The new checkpoint (``run`` checked that its folder is new): the
+    source's text side and settings, the new image side, the rebuilt bank; no
+    reranker and no int8 graph (``xmr quantize``)."""
     out = Path(job.out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} exists and is not empty; give a new folder")
     keep = {k: v for k, v in meta.items() if k in ("format", "version", "views", "querybank", "text_memory")}
     config = copy.deepcopy(keep)
     config.update({
