@@ -25,9 +25,11 @@ def evaluate(dataset, images=None, split: str = "test", model: str | None = None
 
 
 def evaluate_settings(dataset, images=None, split: str = "test", model: str | None = None, rerank_ks=(0,),
-                      limit: int | None = None, progress=None, k: int = 10) -> list[dict]:
+                      limit: int | None = None, progress=None, k: int = 10, keep_ranks: bool = False) -> list[dict]:
     """One result per entry of ``rerank_ks`` (0: the dual encoder alone),
-    all from one temporary index."""
+    all from one temporary index. With ``keep_ranks`` each result also holds
+    ``ranks``: (image -> caption, caption -> image) 0-based ranks as arrays,
+    for paired comparisons (``metrics.bootstrap_rsum_delta``)."""
     t0 = time.time()
     records = split_records(load_dataset(dataset, images), split)
     if limit:
@@ -58,7 +60,10 @@ def evaluate_settings(dataset, images=None, split: str = "test", model: str | No
                     "i2t": i2t_r, "t2i": t2i_r, "rsum": sum(i2t_r.values()) + sum(t2i_r.values()),
                     "rerank_k": rerank_k if use_rr else 0, "images": len(records), "captions": len(t2i),
                     "model": engine.encoder.name, "seconds": index_seconds + time.time() - t1,
+                    "query_seconds": time.time() - t1,
                 })
+                if keep_ranks:
+                    results[-1]["ranks"] = (np.array(i2t), np.array(t2i))
         finally:
             engine.close()
     return results

@@ -77,3 +77,15 @@ def bootstrap_rsum_delta(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, 
     lo, up = np.quantile(deltas, [(1 - level) / 2, 1 - (1 - level) / 2])
     return {"delta": float(observed), "low": float(lo), "high": float(up),
             "p_not_better": float(np.mean(deltas <= 0))}
+
+
+def top1_changes(before: np.ndarray, after: np.ndarray) -> dict[str, float]:
+    """How a second stage moved the first hit, from the ranks of the same
+    queries before and after it (``i2t_ranks`` or ``t2i_ranks``): the percent
+    of queries whose right answer it took off the top ("worse") and the
+    percent it brought to the top ("better")."""
+    if len(before) != len(after):
+        raise ValueError(f"{len(before)} ranks before, {len(after)} after")
+    worse = float(100.0 * np.mean((before == 0) & (after != 0))) if len(before) else 0.0
+    better = float(100.0 * np.mean((before != 0) & (after == 0))) if len(before) else 0.0
+    return {"worse": worse, "better": better}

@@ -532,3 +532,14 @@ def test_bootstrap_rsum_delta():
     near = bootstrap_rsum_delta(a, c, text_image, n_boot=500)
     assert near["delta"] == pytest.approx(300 / 200)
     assert near["low"] == 0.0 and near["p_not_better"] > 0.2
+
+
+def test_top1_changes():
+    from retrieval.metrics import top1_changes
+
+    before = np.array([0, 0, 3, 1, 0])
+    after = np.array([0, 2, 0, 0, 0])
+    assert top1_changes(before, after) == {"worse": 20.0, "better": 40.0}
+    assert top1_changes(after, after) == {"worse": 0.0, "better": 0.0}
+    with pytest.raises(ValueError):
+        top1_changes(before, after[:2])

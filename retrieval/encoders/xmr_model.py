@@ -156,6 +156,11 @@ class XmrDualModel(nn.Module):
 
     def image_forward(self, pixels: torch.Tensor, with_regions: bool = False):
         """Normalised pixels -> (embedding before normalisation, region levels or None)."""
+        pooled, levels = self.tower_features(pixels, with_regions)
+        return self.project_image(pooled), levels
+
+    def tower_features(self, pixels: torch.Tensor, with_regions: bool = False):
+        """Normalised pixels -> (pooled tower features ``[B, C]``, region levels or None)."""
         t = self.image_tower
         x = t._swish(t._bn0(t._conv_stem(pixels)))
         mid = None
@@ -164,15 +169,15 @@ class XmrDualModel(nn.Module):
             if i == self.mid_block:
                 mid = x
         x = t._swish(t._bn1(t._conv_head(x)))
-        emb = self.project_image(x.mean(dim=(2, 3)))
+        pooled = x.mean(dim=(2, 3))
         if not with_regions:
-            return emb, None
+            return pooled, None
         g = self.config.region_grid
         levels = [
             F.adaptive_avg_pool2d(level, g).flatten(2).transpose(1, 2)
             for level in (x, mid)
         ]
-        return emb, levels
+        return pooled, levels
 
     def project_image(self, pooled: torch.Tensor, class_embed: torch.Tensor | None = None) -> torch.Tensor:
         """Pooled tower features -> embedding before normalisation.

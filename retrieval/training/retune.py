@@ -43,6 +43,8 @@ class RetuneOptions:
     pool: int = 256
     weight_decay: float = 0.05
     select_k: int = 20
+    # captions of each image an epoch visits (None: all); fewer make an epoch cheaper on a CPU
+    captions_per_image: int | None = None
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -89,6 +91,47 @@ def engine_features(enc, images: list, captions: list[list[str]], batch: int = 6
                           recall_txt)
 
 
+def crossfit_features(enc, images: list, captions: list[list[str]], folds: int, head_opts=None, batch: int = 32,
+                      progress=None) -> EngineFeatures:
+    """Train-split features whose image embeddings are cross-fitted
+    (``crossfit.py``): each image embedded by an image head that never saw
+    it. Recall is the plain cosine (the query bank and text memory are built
+    from these very captions, so on them they would leak the answer)."""
+    from .crossfit import crossfit_embeddings
+    from .wise import WiseOptions
+
+    pooled, tokens = tower_pass(enc, images, batch, progress)
+    owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps], dtype=torch.long)
+    txt, words, masks = caption_states(enc, [c for caps in captions for c in caps])
+    opts = head_opts or WiseOptions(epochs=4, lr=1e-3)
+    img = torch.from_numpy(crossfit_embeddings(enc.model, pooled, txt, owner.numpy(), folds, opts))
+    zeros_i, zeros_t = torch.zeros(len(img)), torch.zeros(len(txt))
+    return EngineFeatures(img, tokens, txt, words.half(), masks, owner, zeros_i, zeros_t, txt)
+
+
+@torch.no_grad()
+def tower_pass(enc, images: list, batch: int = 32, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled tower features ``[N, V, C]`` of each of the encoder's views,
+    region tokens ``[N, R, W]`` fp16 of the first view, as an index stores
+    them) of prepared images, through the PyTorch model on the CPU."""
+    from ..encoders.preprocess import view_batches
+
+    model, rr = enc.model.float().eval(), enc.reranker_model.float().eval()
+    pooled, tokens = [], []
+    for s in range(0, len(images), batch):
+        px = torch.from_numpy(np.stack(images[s : s + batch]))
+        views = []
+        for n, (_, pixels) in enumerate(view_batches(px, enc.views)):
+            p, levels = model.tower_features(model.normalize_pixels(pixels), with_regions=n == 0)
+            views.append(p)
+            if n == 0:
+                tokens.append(rr.project_regions([lv.float() for lv in levels]).half())
+        pooled.append(torch.stack(views, 1))
+        if progress:
+            progress(len(px))
+    return torch.cat(pooled), torch.cat(tokens)
+
+
 def caption_states(enc, texts: list[str], batch: int = 256):
     """(embeddings ``[T, D]``, word states ``[T, L, H]``, mask ``[T, L]``) as
     float CPU tensors, every row padded to the model's ``text_max_len``."""
@@ -107,7 +150,9 @@ def _score(reranker, f: EngineFeatures, img_idx: torch.Tensor, txt_idx: torch.Te
     out = []
     for s in range(0, len(img_idx), chunk):
         i, t = img_idx[s : s + chunk], txt_idx[s : s + chunk]
-        out.append(reranker(f.tokens[i].float(), f.words[t].float(), f.mask[t], f.img[i], f.txt[t]))
+        mask = f.mask[t]
+        n = int(mask.sum(1).max())  # padding past the longest caption of the chunk changes nothing
+        out.append(reranker(f.tokens[i].float(), f.words[t, :n].float(), mask[:, :n], f.img[i], f.txt[t]))
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -122,6 +167,18 @@ def engine_candidates(reranker, f: EngineFeatures, k: int) -> dict:
 def evaluate(reranker, f: EngineFeatures, k: int) -> tuple[float, dict]:
     """(fusion weight, report) of the best fusion weight on ``f``."""
     return choose_fusion_weight(engine_candidates(reranker, f, k), f.text_image.numpy())
+
+
+def epoch_captions(text_image: torch.Tensor, per_image: int, gen: torch.Generator) -> torch.Tensor:
+    """Caption ids of one epoch in random order: ``per_image`` captions of
+    each image drawn at random (all of an image that has fewer)."""
+    keys = torch.rand(len(text_image), generator=gen)
+    order = torch.argsort(keys)
+    by_image = order[torch.argsort(text_image[order], stable=True)]  # grouped by image, random within
+    first = torch.searchsorted(text_image[by_image], text_image[by_image], right=False)
+    rank = torch.arange(len(by_image)) - first
+    picked = by_image[rank < per_image]
+    return picked[torch.randperm(len(picked), generator=gen)]
 
 
 def retune(reranker, train: EngineFeatures, dev: EngineFeatures, opts: RetuneOptions, progress=None) -> dict:
@@ -140,7 +197,8 @@ def retune(reranker, train: EngineFeatures, dev: EngineFeatures, opts: RetuneOpt
     for p in reranker.level_proj.parameters():
         p.requires_grad_(False)
     optim = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
-    n_texts = len(train.txt)
+    n_texts = len(train.txt) if opts.captions_per_image is None else \
+        len(epoch_captions(train.text_image, opts.captions_per_image, gen))
     steps = max(1, n_texts // opts.batch_size)
     total = steps * opts.epochs
     weight, report = evaluate(reranker, dev, opts.select_k)
@@ -150,7 +208,8 @@ def retune(reranker, train: EngineFeatures, dev: EngineFeatures, opts: RetuneOpt
     step = 0
     for epoch in range(opts.epochs):
         reranker.train()
-        perm = torch.randperm(n_texts, generator=gen)
+        perm = torch.randperm(len(train.txt), generator=gen) if opts.captions_per_image is None else \
+            epoch_captions(train.text_image, opts.captions_per_image, gen)
         t0, losses = time.time(), []
         for b in range(steps):
             t = perm[b * opts.batch_size : (b + 1) * opts.batch_size]
@@ -180,11 +239,13 @@ def retune(reranker, train: EngineFeatures, dev: EngineFeatures, opts: RetuneOpt
 
 
 def retune_in_place(ckpt, dataset: str, images: str | None = None, opts: RetuneOptions | None = None,
-                    limit: int | None = None, progress_factory=None, source=None) -> dict:
+                    limit: int | None = None, progress_factory=None, source=None, folds: int = 0) -> dict:
     """Retune the reranker of checkpoint folder ``ckpt`` on the dataset's train
     split (dev selects) and save it there with the chosen fusion weight
     (``xmr train``'s retune stage); returns the summary written to its
-    config. ``source`` names the checkpoint it was copied from, if any."""
+    config. ``source`` names the checkpoint it was copied from, if any.
+    ``folds`` > 1 trains on cross-fitted image embeddings of the train split
+    (:func:`crossfit_features`; models with an image head on a pooled tower)."""
     from ..encoders.xmr import XmrEncoder
     from ..errors import CheckpointError
     from . import checkpoint
@@ -199,8 +260,10 @@ def retune_in_place(ckpt, dataset: str, images: str | None = None, opts: RetuneO
     for split, recs in retuning_splits(dataset, images, limit).items():
         bar = progress_factory(f"features {split}", len(recs)) if progress_factory else None
         pixels = load_pixels([r.path for r in recs], enc.input_size)  # what enc.prepare makes of each
-        feats[split] = engine_features(enc, pixels, [r.captions for r in recs],
-                                       progress=bar.update if bar else None)
+        make = crossfit_features if split == "train" and folds > 1 else engine_features
+        extra = {"folds": folds} if make is crossfit_features else {}
+        feats[split] = make(enc, list(pixels), [r.captions for r in recs], progress=bar.update if bar else None,
+                            **extra)
         if bar:
             bar.close()
     progress = StepProgress(progress_factory, "retune", opts.epochs)
@@ -209,7 +272,7 @@ def retune_in_place(ckpt, dataset: str, images: str | None = None, opts: RetuneO
     progress.close()
     best = result["best"]
     summary = {"source": str(source), "dataset": str(dataset),
-               "options": opts.to_dict(), "limit": limit,
+               "options": opts.to_dict(), "limit": limit, "crossfit_folds": folds,
                "views": list(enc.views), "image_backend": enc.image_backend,
                "best_epoch": best["epoch"], "fusion_weight": best["fusion_weight"],
                "dev_before": result["history"][0]["dev"], "dev_after": best["dev"],
@@ -222,13 +285,37 @@ def retune_in_place(ckpt, dataset: str, images: str | None = None, opts: RetuneO
 
 
 def retune_checkpoint(src, out, dataset: str, images: str | None = None, opts: RetuneOptions | None = None,
-                      limit: int | None = None, progress_factory=None) -> dict:
+                      limit: int | None = None, progress_factory=None, reranker_from=None, folds: int = 0) -> dict:
     """Copy checkpoint ``src`` to ``out`` and retune the copy's reranker
-    (``xmr retune-reranker``)."""
+    (``xmr retune-reranker``); ``reranker_from``: a checkpoint whose reranker
+    the copy starts from instead of its own (or for a model without one)."""
     from ..errors import CheckpointError
     from . import checkpoint
 
-    if "reranker" not in checkpoint.read_config(src):
-        raise CheckpointError(f"{src}: holds no reranker to retune")
+    if reranker_from is None and "reranker" not in checkpoint.read_config(src):
+        raise CheckpointError(f"{src}: holds no reranker to retune; start from another checkpoint's "
+                              "with --reranker-from")
+    if reranker_from is not None:
+        check_reranker_fits(src, reranker_from)
     checkpoint.copy_checkpoint(src, out)
-    return retune_in_place(out, dataset, images, opts, limit, progress_factory, source=src)
+    if reranker_from is not None:
+        checkpoint.save_checkpoint(out, {"fusion_weight": checkpoint.read_config(reranker_from).get("fusion_weight", 0.0)},
+                                   reranker=checkpoint.load_reranker(reranker_from))
+    return retune_in_place(out, dataset, images, opts, limit, progress_factory, source=src, folds=folds)
+
+
+def check_reranker_fits(model_dir, reranker_dir) -> None:
+    """Refuse a reranker whose inputs (region levels, word states, joint
+    embedding) do not have the shapes the model's towers and heads give."""
+    from ..errors import CheckpointError
+    from . import checkpoint
+
+    rr = checkpoint.read_config(reranker_dir).get("reranker")
+    if rr is None:
+        raise CheckpointError(f"{reranker_dir}: holds no reranker")
+    model = checkpoint.read_config(model_dir)["model"]
+    src = checkpoint.read_config(reranker_dir)["model"]
+    same = all(model.get(k) == src.get(k) for k in ("image_tower", "embed_dim", "region_grid", "text_max_len"))
+    if not same:
+        raise CheckpointError(f"{reranker_dir}: its reranker was made for another image tower or embedding "
+                              f"size than {model_dir}'s; train one with `xmr train --stages rerank`")
