@@ -27,6 +27,9 @@ class Reranker(ABC):
     name: str
     #: weight of the first-stage (recall) score in the final score, chosen on dev
     fusion_weight: float = 0.0
+    #: how many recalled candidates a search reranks unless asked otherwise;
+    #: 0 for a reranker that measured no gain over recall on dev
+    default_k: int = 20
 
     @abstractmethod
     def score_text_images(self, text: str, text_emb: np.ndarray, images: list[ImageCandidate]) -> np.ndarray:

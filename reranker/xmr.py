@@ -14,12 +14,14 @@ from .base import ImageCandidate, Reranker
 
 
 class XmrReranker(Reranker):
-    def __init__(self, model, text_states: Callable, fusion_weight: float, device=None, batch_size: int = 64):
+    def __init__(self, model, text_states: Callable, fusion_weight: float, device=None, batch_size: int = 64,
+                 default_k: int = 20):
         import torch
 
         self.model = model.eval()
         self.text_states = text_states
         self.fusion_weight = fusion_weight
+        self.default_k = default_k
         self.device = device or next(model.parameters()).device
         self.batch_size = batch_size
         self.name = "xmr-cross-attention"

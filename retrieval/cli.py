@@ -185,7 +185,9 @@ def index(ctx, paths, model, batch_size, threads, processes, quiet, prune):
 @click.argument("query")
 @click.option("-k", type=click.IntRange(1, 1000), default=10, show_default=True, help="Number of results.")
 @click.option("--no-rerank", is_flag=True, help="FAISS recall only, skip the cross-attention reranker.")
-@click.option("--rerank-k", type=click.IntRange(0, 1000), default=20, show_default=True, help="How many recalled images to rerank.")
+@click.option("--rerank-k", type=click.IntRange(0, 1000), default=None,
+              help="How many recalled images to rerank [default: the model's: 20, or 0 where its reranker "
+                   "measured no gain over recall].")
 @click.option("--reranker", default=None, help="Another reranker: a Hugging Face BLIP ITM name or folder.")
 @click.option("--under", type=click.Path(file_okay=False), default=None, help="Only images below this folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON array.")
@@ -288,8 +290,10 @@ def captions_import(ctx, file, fmt):
 @cli.command()
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("-k", type=click.IntRange(1, 1000), default=5, show_default=True)
-@click.option("--no-rerank", is_flag=True)
-@click.option("--rerank-k", type=click.IntRange(0, 1000), default=20, show_default=True)
+@click.option("--no-rerank", is_flag=True, help="FAISS recall only, skip the cross-attention reranker.")
+@click.option("--rerank-k", type=click.IntRange(0, 1000), default=None,
+              help="How many recalled captions to rerank [default: the model's: 20, or 0 where its reranker "
+                   "measured no gain over recall].")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def caption(ctx, image, k, no_rerank, rerank_k, as_json):
@@ -694,18 +698,35 @@ def _run_retuning(model: str, what: str, run) -> None:
 @click.option("--lr", type=float, default=1e-4, show_default=True)
 @click.option("--pool", type=click.IntRange(4, 100000), default=256, show_default=True,
               help="Negatives are drawn from each query's top POOL wrong candidates by the engine's recall scores.")
-def retune_reranker(model, dataset, images, out, epochs, lr, pool, limit):
+@click.option("--reranker-from", default=None,
+              help="Start from this model's reranker (a shipped name or a checkpoint folder with the same image tower and "
+                   "embedding size), e.g. for a model that has none.")
+@click.option("--crossfit-folds", type=click.IntRange(0, 50), default=0, show_default=True,
+              help="Train on cross-fitted image embeddings: each train image embedded by an image head trained "
+                   "without its fold (0: the model's own embeddings).")
+@click.option("--captions-per-image", type=click.IntRange(1, 100), default=None,
+              help="Captions of each train image an epoch visits [default: all].")
+def retune_reranker(model, dataset, images, out, epochs, lr, pool, reranker_from, crossfit_folds,
+                    captions_per_image, limit):
     """Retune MODEL's reranker on the features the engine uses (its views,
     stored region tokens, query-bank corrected recall), writing a copy of the
     checkpoint with the new reranker to --out. The region projection stays
     fixed: indexes keep their stored tokens, but a changed checkpoint is a new
-    model version (index with --model OUT).
+    model version (index with --model OUT; `xmr quantize OUT` makes its int8
+    image graph again).
     """
     from .training.retune import RetuneOptions, retune_checkpoint
 
+    if reranker_from is not None:
+        from .encoders import resolve_model
+
+        kind, reranker_from = resolve_model(reranker_from)
+        if kind != "xmr":
+            raise click.ClickException("--reranker-from takes an xmr checkpoint")
+    opts = RetuneOptions(epochs=epochs, lr=lr, pool=pool, captions_per_image=captions_per_image)
     _run_retuning(model, "our reranker", lambda location: retune_checkpoint(
-        location, out, dataset, images, RetuneOptions(epochs=epochs, lr=lr, pool=pool), limit=limit,
-        progress_factory=_progress))
+        location, out, dataset, images, opts, limit=limit, progress_factory=_progress,
+        reranker_from=reranker_from, folds=crossfit_folds))
 
 
 @_retuning_command("retune-text-head")

@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 DB_NAME = "xmr.db"
 MAX_K = 1000
 MAX_QUERY_CHARS = 1000
-DEFAULT_RERANK_K = 20
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 # Rerankers that score pixels (Hugging Face BLIP: 384 px) get images decoded
 # at no less than this short side: JPEGs of any size then decode in draft mode.
@@ -653,13 +652,14 @@ class Engine:
         return [ImageCandidate(i, np.frombuffer(rows[i].embedding, np.float32), toks.get(i),
                                load=(lambda p=rows[i].path: decode_image(p, PIXEL_RERANK_SIZE).image)) for i in ids]
 
-    def search(self, query: str, k: int = 10, rerank: bool = True, rerank_k: int = DEFAULT_RERANK_K,
+    def search(self, query: str, k: int = 10, rerank: bool = True, rerank_k: int | None = None,
                under: str | None = None) -> list[ImageHit]:
         """Text -> images."""
         query = _check_query(query)
         _check_k(k)
         qvec = self.encoder.encode_texts([query])[0]
-        use_rr = rerank and self.reranker is not None and rerank_k > 0
+        rerank_k = self._rerank_k(rerank, rerank_k)
+        use_rr = rerank_k > 0
         n = max(k, rerank_k) if use_rr else k
         allowed = self._allowed(under)
         if allowed is not None and len(allowed) == 0:
@@ -722,13 +722,14 @@ class Engine:
         return self.similar(path, k=k, under=under)
 
     def caption(self, image_path: str | os.PathLike, k: int = 5, rerank: bool = True,
-                rerank_k: int = DEFAULT_RERANK_K) -> list[CaptionHit]:
+                rerank_k: int | None = None) -> list[CaptionHit]:
         """Image -> best captions from the imported collection."""
         _check_k(k)
         if self.store.count_captions() == 0:
             raise QueryError("no captions imported yet; run: xmr captions import FILE")
         q = self._query_image(image_path)
-        use_rr = rerank and self.reranker is not None and rerank_k > 0
+        rerank_k = self._rerank_k(rerank, rerank_k)
+        use_rr = rerank_k > 0
         n = max(k, rerank_k) if use_rr else k
         ids, scores, rows = self._recall("captions", self._query_vectors(q.embedding), n)
 
@@ -742,6 +743,14 @@ class Engine:
                        float(scores[r]), r < head)
             for r, i in enumerate(ids[:k])
         ]
+
+    def _rerank_k(self, rerank: bool, rerank_k: int | None) -> int:
+        """How many recalled items to rerank: none without a reranker or when
+        ``rerank`` is off; ``rerank_k`` when given; else the reranker's default
+        (0 for one that measured no gain over recall)."""
+        if not rerank or self.reranker is None:
+            return 0
+        return self.reranker.default_k if rerank_k is None else rerank_k
 
     def _rerank_head(self, ids: list[int], scores: np.ndarray, rerank_k: int, score_fn):
         """Rerank the first ``rerank_k`` recalled items; the rest keep recall order.
@@ -779,6 +788,7 @@ class Engine:
             "search_params": images.spec.params if images else None,
             "gpu": images.use_gpu if images else None,
             "reranker": self.reranker.name if self.reranker else None,
+            "rerank_k": self._rerank_k(True, None),  # how many a search reranks unless told
             "querybank": ({"beta": self.querybank.beta, "alpha": self.querybank.alpha}
                           if self.querybank is not None else None),
             "text_memory": (self.querybank.memory.as_dict()
@@ -840,7 +850,7 @@ def _own_reranker(enc: DualEncoder) -> Reranker | None:
         return None
     from reranker.xmr import XmrReranker
 
-    return XmrReranker(model, enc.text_states, enc.fusion_weight)
+    return XmrReranker(model, enc.text_states, enc.fusion_weight, default_k=enc.default_rerank_k)
 
 
 def _batched(items: Iterable, n: int) -> Iterator[list]:

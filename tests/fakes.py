@@ -74,8 +74,9 @@ class TokenReranker:
     name = "fake-tokens"
     fusion_weight = 0.0
 
-    def __init__(self):
+    def __init__(self, default_k: int = 20):
         self.calls = 0
+        self.default_k = default_k
 
     def score_text_images(self, text, text_emb, images):
         self.calls += 1

@@ -66,7 +66,10 @@ def test_full_cli_flow(tmp_path, mini_images, mini_dataset):
     res = run(["index", str(mini_images)], idx)
     assert "added 0" in res.output and "unchanged 32" in res.output
 
-    res = run(["search", "a dog running on the grass", "-k", "5", "--json"], idx)
+    # xmr-lite2's reranker measured no gain over recall: by default it is not used
+    default = json.loads(run(["search", "a dog running on the grass", "-k", "5", "--json"], idx).output)
+    assert not any(h["reranked"] for h in default)
+    res = run(["search", "a dog running on the grass", "-k", "5", "--json", "--rerank-k", "20"], idx)
     hits = json.loads(res.output)
     assert [h["rank"] for h in hits] == [1, 2, 3, 4, 5]
     assert all(os.path.isabs(h["path"]) and isinstance(h["score"], float) for h in hits)
@@ -93,6 +96,7 @@ def test_full_cli_flow(tmp_path, mini_images, mini_dataset):
     status = json.loads(run(["status", "--json"], idx).output)
     assert status["images"] == 32 and status["captions"] == 160 and status["upgrade_needed"] is None
     assert status["model"] == "xmr-lite2" and status["dim"] == 256 and status["index_type"] == "IDMap2,Flat"
+    assert status["reranker"] == "xmr-cross-attention" and status["rerank_k"] == 0
 
     # the same index as the previous release left it (same image side, other text
     # side): refused until `xmr upgrade`, which makes it what this release builds
@@ -117,7 +121,7 @@ def test_full_cli_flow(tmp_path, mini_images, mini_dataset):
     assert "upgraded" in run(["upgrade"], idx).output and "up to date" in run(["upgrade"], idx).output
     for n, before in gens.items():  # the FAISS files were rebuilt from the rewritten rows, not trusted
         assert json.loads((idx / f"{n}.faiss.json").read_text())["generation"] == before + 1
-    for got, want, key in ((run(["search", "a dog running on the grass", "-k", "5", "--json"], idx), hits, "path"),
+    for got, want, key in ((run(["search", "a dog running on the grass", "-k", "5", "--json"], idx), default, "path"),
                            (run(["caption", str(mini_images / name), "-k", "5", "--json"], idx), caps, "caption")):
         got = json.loads(got.output)
         assert [h[key] for h in got] == [h[key] for h in want]
@@ -185,6 +189,33 @@ def test_retune_reranker_writes_a_loadable_checkpoint(tmp_path, flickr8k):
     # a second run into the same folder is refused, nothing overwritten
     again = CliRunner().invoke(cli, ["retune-reranker", "xmr-lite2", "--dataset", str(flickr8k), "--out", str(out)])
     assert again.exit_code != 0 and "not empty" in again.output
+
+
+@pytest.mark.slow
+def test_retune_reranker_from_another_model_with_crossfitting(tmp_path, flickr8k):
+    """A model without a reranker gets one: started from another checkpoint's,
+    trained on cross-fitted train embeddings; the new checkpoint's encoder
+    makes region tokens and its search reranks."""
+    import numpy as np
+
+    from retrieval.encoders import create_encoder
+    from retrieval.training import checkpoint
+
+    refused = CliRunner().invoke(cli, ["retune-reranker", "xmr-lite2-open", "--dataset", str(flickr8k),
+                                       "--out", str(tmp_path / "no")])
+    assert refused.exit_code != 0 and "--reranker-from" in refused.output
+    out = tmp_path / "open-rr"
+    res = CliRunner().invoke(cli, ["retune-reranker", "xmr-lite2-open", "--reranker-from", "xmr-lite2",
+                                   "--crossfit-folds", "2", "--captions-per-image", "1", "--dataset", str(flickr8k),
+                                   "--out", str(out), "--limit", "24", "--pool", "16"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    meta = checkpoint.read_config(out)
+    assert meta["reranker_retune"]["crossfit_folds"] == 2
+    assert meta["reranker_retune"]["options"]["captions_per_image"] == 1
+    assert meta["wise_ft"] and meta["reranker"]  # the open model, now with a reranker
+    enc = create_encoder(str(out), device="cpu")
+    emb, tokens = enc.encode_images_with_tokens([np.zeros((enc.input_size, enc.input_size, 3), np.uint8)])
+    assert tokens.shape == (1, *enc.token_shape)
 
 
 def test_odd_file_names_print_one_line_each(tmp_path, mini_images):

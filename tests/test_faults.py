@@ -193,6 +193,19 @@ def _damage(idx: Path, how: str) -> None:
         tokens.write_bytes(b"\0" * tokens.stat().st_size)
 
 
+def test_a_reranker_that_does_not_pay_is_skipped_unless_asked_for(tmp_path, photos):
+    """A reranker whose default depth is 0 (it measured no gain over recall)
+    costs nothing by default; an explicit --rerank-k still uses it."""
+    rr = TokenReranker(default_k=0)
+    eng = open_engine(tmp_path, rr)
+    eng.index([photos])
+    assert not any(h.reranked for h in eng.search("green", k=5)) and rr.calls == 0
+    assert all(h.reranked for h in eng.search("green", k=5, rerank_k=5)) and rr.calls == 1
+    assert not any(h.reranked for h in eng.search("green", k=5, rerank_k=5, rerank=False))
+    eng.reranker = TokenReranker()
+    assert all(h.reranked for h in eng.search("green", k=5))  # the usual default: 20
+
+
 @pytest.mark.parametrize("how", ["missing", "truncated", "zeroed"])
 def test_damaged_token_store_falls_back_then_is_rebuilt(tmp_path, photos, how, caplog):
     rr = TokenReranker()

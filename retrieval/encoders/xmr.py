@@ -33,7 +33,7 @@ class XmrEncoder(DualEncoder):
     def __init__(self, model, name: str, version: str, reranker_model=None, fusion_weight: float = 0.0,
                  device=None, batch_size: int | None = None, backend: str | None = None,
                  views: tuple[str, ...] = ("full",), weights_key: str | None = None, querybank=None,
-                 checkpoint_dir: str | None = None):
+                 checkpoint_dir: str | None = None, default_rerank_k: int = 20):
         self.model = model
         self.name = name
         self.version = version
@@ -41,6 +41,8 @@ class XmrEncoder(DualEncoder):
         self.input_size = model.config.image_size
         self.reranker_model = reranker_model
         self.fusion_weight = fusion_weight
+        # how many candidates a search reranks by default (0 where the reranker measured no gain)
+        self.default_rerank_k = default_rerank_k
         self.device = _pick_device(device)
         # Forward-pass micro-batch. On a small CPU, tiny batches keep the
         # activations of these depthwise-conv towers in cache: batch 2 ran 3.5x
@@ -106,7 +108,7 @@ class XmrEncoder(DualEncoder):
         label = name if name and "/" not in name else Path(path).name
         enc = cls(model, label, h.hexdigest()[:12], reranker, float(settings["fusion_weight"]), device,
                   backend=backend, views=tuple(settings["views"]), weights_key=f"{Path(path).name}-{weights_key}",
-                  querybank=bank, checkpoint_dir=str(path))
+                  querybank=bank, checkpoint_dir=str(path), default_rerank_k=int(meta.get("default_rerank_k", 20)))
         enc._earlier = meta.get("earlier_versions")
         return enc
 

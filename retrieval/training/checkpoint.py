@@ -103,7 +103,7 @@ def save_text_side(out_dir: str | os.PathLike, dual, config: dict) -> Path:
 
 REGION_PROJECTION = "level_proj."  # the reranker's part that makes the region tokens an index stores
 # config.json keys that change nothing an index stores (left out of the model version)
-UNVERSIONED_KEYS = ("reranker_retune", "earlier_versions")
+UNVERSIONED_KEYS = ("reranker_retune", "earlier_versions", "default_rerank_k")
 # the model config keys that shape the image side (the rest is the text side)
 IMAGE_CONFIG_KEYS = ("image_tower", "image_size", "embed_dim", "region_grid")
 
