@@ -64,7 +64,8 @@ def main(images, device, model, limit, repeat, batch_size, processes, as_json):
         "images": n, "indexed": summary.added, "seconds": round(seconds, 2),
         "images_per_s": round(summary.added / seconds, 2), "encoder_only_images_per_s": round(enc_rate, 2),
         "peak_rss_mb": round(peak_rss_mb(), 1), "device": device, "model": model,
-        "image_backend": getattr(enc, "image_backend", "torch"), "decode_processes": processes, "views": list(getattr(enc, "views", ())),
+        "image_backend": getattr(enc, "image_backend", "torch"), "decode_processes": processes,
+        "views": list(getattr(enc, "views", ())),
         "torch_threads": torch.get_num_threads(),
     }
     emit(out, as_json)

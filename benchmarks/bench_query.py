@@ -83,7 +83,8 @@ def main(n, device, rerank_k, n_queries, no_querybank, bias_std, as_json):
     dim = d + 1 if banked else d
     index = build_index(dim, batches, n, use_gpu=(device == "cuda"))
     build_s = time.perf_counter() - t_build
-    exact = build_index(dim, batches, n, exact_limit=n, use_gpu=(device == "cuda")) if index.spec.factory != "IDMap2,Flat" else index
+    exact = index if index.spec.factory == "IDMap2,Flat" else \
+        build_index(dim, batches, n, exact_limit=n, use_gpu=(device == "cuda"))
     rr = _own_reranker(enc) if rerank_k else None
     shape = enc.token_shape
     queries = [QUERIES[i % len(QUERIES)] + ("" if i < len(QUERIES) else f" {i}") for i in range(n_queries)]

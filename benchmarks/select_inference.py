@@ -61,8 +61,8 @@ def main(dataset, split, k, model, view_names, write_bank, write_owners, memory_
     from retrieval.encoders.querybank import QueryBank, bank_from_split
     from retrieval.metrics import bootstrap_rsum_delta, i2t_ranks, retrieval_report, t2i_ranks
     from retrieval.training.calibrate import bank_grid, corrected_scores, setting_fields
-    from retrieval.training.retune import caption_states
     from retrieval.training.rerank import choose_fusion_weight
+    from retrieval.training.retune import caption_states
 
     if split in ("test", "train"):
         raise click.ClickException("selection runs on the dev split")

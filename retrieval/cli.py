@@ -115,7 +115,8 @@ def _print_images(hits, engine, under: str | None = None) -> None:
 
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("--model", default=None, help="Encoder for a new index: xmr-lite2-open (default), xmr-lite2, a Hugging Face CLIP/SigLIP name or folder.")
+@click.option("--model", default=None,
+              help="Encoder for a new index: xmr-lite2-open (default), xmr-lite2, a Hugging Face CLIP/SigLIP name or folder.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--threads", type=int, default=None, help="Decoding threads (default: 2 per core, at most 8).")
 @click.option("--processes", type=click.IntRange(0, 256), default=0, show_default=True,
@@ -459,7 +460,8 @@ def eval_cmd(ctx, dataset, classes_dir, images, split, templates, model, no_rera
 @click.option("--text-layers", type=int, default=2, show_default=True, help="Top MiniLM layers to fine-tune.")
 @click.option("--stages", default="dual,rerank,int8,views,retune,text_head", show_default=True,
               help="Comma-separated, run in this order: dual, rerank, int8 (the quantized CPU image graph), "
-                   "views (the test-time views of an image, chosen on dev, with their query bank), retune (the reranker retuned on the engine's features, as `xmr retune-reranker`), "
+                   "views (the test-time views of an image, chosen on dev, with their query bank), "
+                   "retune (the reranker retuned on the engine's features, as `xmr retune-reranker`), "
                    "text_head (the text head retuned against the image side, as `xmr retune-text-head`).")
 @click.option("--resume", type=click.Path(exists=True, file_okay=False), help="Start from this checkpoint's dual encoder.")
 @click.option("--epochs", type=int, default=15, show_default=True, help="Dual-encoder epochs (over all captions).")
@@ -474,7 +476,8 @@ def eval_cmd(ctx, dataset, classes_dir, images, split, templates, model, no_rera
               help="Epochs of the retune stage.")
 @click.option("--text-head-epochs", type=click.IntRange(1, 1000), default=10, show_default=True,
               help="Epochs of the text_head stage.")
-@click.option("--ablations", default="", help="Comma-separated reranker ablations: no_region,no_word,no_global,one_way,random_neg.")
+@click.option("--ablations", default="",
+              help="Comma-separated reranker ablations: no_region,no_word,no_global,one_way,random_neg.")
 @click.option("--limit", type=int, default=None, help="Use only the first N images of each split (smoke tests).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -21,15 +21,24 @@ from indexer.pipeline import Indexer, IndexSummary
 from indexer.store import TOKEN_FILE_KEY, Store, StoreError
 from indexer.tokens import DEFAULT_FILE as TOKENS_DEFAULT_FILE
 from indexer.tokens import TokenShapeMismatch, TokenStore, TokenStoreDamaged
-from indexer.walk import lies_below
 from indexer.vectors import COMPRESS_LIMIT, EXACT_LIMIT, VectorIndex, build_index, spec_still_fits
+from indexer.walk import lies_below
 from reranker.base import ImageCandidate, Reranker, fuse, rerank_order
 
 from .captions import CaptionFile
 from .encoders import DEFAULT_MODEL, DualEncoder, create_encoder
 from .encoders.querybank import augment_items, augment_queries
-from .errors import (CaptionFileError, ImageUnusable, IndexNeedsUpgrade, IndexNotFound, IndexUnusable, ModelMismatch,
-                     PathNotFound, QueryError, database_error_detail)
+from .errors import (
+    CaptionFileError,
+    ImageUnusable,
+    IndexNeedsUpgrade,
+    IndexNotFound,
+    IndexUnusable,
+    ModelMismatch,
+    PathNotFound,
+    QueryError,
+    database_error_detail,
+)
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ def _free_port() -> int:
 def server(tmp_path):
     import uvicorn
 
-    for i, (name, color) in enumerate(COLORS.items()):
+    for name, color in COLORS.items():
         for j in range(3):
             make_image(tmp_path / "photos" / f"{name}{j}.jpg", tuple(max(0, c - 30 * j) for c in color), size=(120, 90))
     eng = Engine.open(tmp_path / "index", create=True, reranker="none", encoder=FakeEncoder())

@@ -8,7 +8,8 @@ from click.testing import CliRunner
 
 from retrieval.cli import cli
 
-COMMANDS = ["index", "search", "similar", "captions", "caption", "remove", "status", "eval", "train", "quantize", "retune-reranker", "serve", "upgrade"]
+COMMANDS = ["index", "search", "similar", "captions", "caption", "remove", "status", "eval", "train", "quantize",
+            "retune-reranker", "serve", "upgrade"]
 
 
 def run(args, index_dir, ok=True):

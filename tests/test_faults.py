@@ -25,7 +25,7 @@ from retrieval.engine import Engine
 from retrieval.server import create_app
 
 from .conftest import make_image
-from .fakes import COLORS, FakeEncoder, TokenEncoder, TokenReranker
+from .fakes import COLORS, TokenEncoder, TokenReranker
 
 SHADES = {f"{name}{i}": tuple(max(0, min(255, c + 12 * i)) for c in rgb)
           for name, rgb in COLORS.items() for i in range(3)}

@@ -10,8 +10,8 @@ def test_encoder_and_reranker_on_cuda_match_cpu():
     import torch
 
     from reranker.base import ImageCandidate
-    from retrieval.encoders import create_encoder
     from reranker.xmr import XmrReranker
+    from retrieval.encoders import create_encoder
 
     assert torch.cuda.is_available(), "no CUDA device"
     cpu = create_encoder("xmr-lite2", device="cpu")
@@ -27,8 +27,10 @@ def test_encoder_and_reranker_on_cuda_match_cpu():
     cands_cpu = [ImageCandidate(i, e_cpu[i], t_cpu[i]) for i in range(6)]
     cands_gpu = [ImageCandidate(i, e_gpu[i], t_gpu[i]) for i in range(6)]
     q = texts[0]
-    s_cpu = XmrReranker(cpu.reranker_model, cpu.text_states, cpu.fusion_weight).score_text_images(q, cpu.encode_texts([q])[0], cands_cpu)
-    s_gpu = XmrReranker(gpu.reranker_model, gpu.text_states, gpu.fusion_weight).score_text_images(q, gpu.encode_texts([q])[0], cands_gpu)
+    s_cpu = XmrReranker(cpu.reranker_model, cpu.text_states, cpu.fusion_weight).score_text_images(
+        q, cpu.encode_texts([q])[0], cands_cpu)
+    s_gpu = XmrReranker(gpu.reranker_model, gpu.text_states, gpu.fusion_weight).score_text_images(
+        q, gpu.encode_texts([q])[0], cands_gpu)
     np.testing.assert_allclose(s_cpu, s_gpu, atol=0.5)
     assert np.argmax(s_cpu) == np.argmax(s_gpu)
 

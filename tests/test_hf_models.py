@@ -72,14 +72,15 @@ def test_hf_clip_by_local_path(tmp_path, tiny_clip, photos):
     assert len(hits) == 4
     # The engine's ranking equals a direct computation with the model.
     import torch
-    from transformers import CLIPModel, CLIPProcessor
     from PIL import Image
+    from transformers import CLIPModel, CLIPProcessor
 
     model = CLIPModel.from_pretrained(tiny_clip).eval()
     proc = CLIPProcessor.from_pretrained(tiny_clip)
     paths = sorted(photos.iterdir())
     with torch.no_grad():
-        im = model.get_image_features(**proc.image_processor(images=[Image.open(p).convert("RGB") for p in paths], return_tensors="pt"))
+        pixels = proc.image_processor(images=[Image.open(p).convert("RGB") for p in paths], return_tensors="pt")
+        im = model.get_image_features(**pixels)
         tx = model.get_text_features(**proc.tokenizer(["a red square"], return_tensors="pt", padding=True))
     im = getattr(im, "pooler_output", im)
     tx = getattr(tx, "pooler_output", tx)

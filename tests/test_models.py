@@ -328,9 +328,8 @@ def test_train_refuses_stages_it_cannot_run(tmp_path, flickr8k, stages, message)
 
 def test_onnx_image_path_equals_pytorch(tmp_path, monkeypatch):
     """The CPU fast path (ONNX Runtime) gives the eager model's outputs."""
-    from retrieval.encoders import onnx_runtime
+    from retrieval.encoders import builtin_models, onnx_runtime
     from retrieval.encoders.xmr import XmrEncoder
-    from retrieval.encoders import builtin_models
 
     if not onnx_runtime.available():
         pytest.skip("onnxruntime/onnxscript not installed")

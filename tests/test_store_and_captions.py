@@ -86,7 +86,9 @@ def test_write_is_atomic_per_batch(tmp_path):
     st = Store(tmp_path / "x.db")
     row = dict(path="/a.jpg", size=1, mtime_ns=1, sha256="h", width=2, height=2, embedding=np.ones(4, np.float32))
     bad = dict(row, path="/b.jpg", width=None)  # violates NOT NULL
-    with pytest.raises(Exception):
+    from sqlalchemy.exc import IntegrityError
+
+    with pytest.raises(IntegrityError):
         st.write_images([row, bad], [], [], [])
     assert st.count_images() == 0  # neither row landed
     st.write_images([row], [], [], [])

@@ -31,7 +31,7 @@ def builtin_variants() -> dict[str, tuple[Path, dict]]:
     weights run with other settings (test-time views, fusion weight), listed
     under ``variants`` in a checkpoint's config.json."""
     out = {}
-    for name, path in builtin_models().items():
+    for path in builtin_models().values():
         meta = json.loads((path / "config.json").read_text())
         for variant, settings in meta.get("variants", {}).items():
             out[variant] = (path, settings)

@@ -12,8 +12,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import CheckpointError
-from .base import DualEncoder
-from .base import embed_by_length, l2_normalize, text_batch_size
+from .base import DualEncoder, embed_by_length, l2_normalize, text_batch_size
 from .preprocess import VIEWS, squash_resize, view_batches
 
 log = logging.getLogger(__name__)

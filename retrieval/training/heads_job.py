@@ -21,8 +21,7 @@ from ..errors import DatasetError
 from ..evaluation import with_bar
 from . import checkpoint
 from .features import cached_images, cached_texts
-from .locked import (CLASS_TEMPLATES, ClassSetFeatures, HeadData, HeadOptions, class_names, fit_heads,
-                     initial_temperature)
+from .locked import CLASS_TEMPLATES, ClassSetFeatures, HeadData, HeadOptions, class_names, fit_heads, initial_temperature
 
 log = logging.getLogger(__name__)
 

@@ -123,7 +123,8 @@ def run_training(job: TrainJob, progress_factory=None) -> dict:
     model.to(device)
 
     if "dual" in job.stages:
-        bar = progress_factory("dual encoder", job.dual.epochs * max(1, splits["train"].n_texts // job.dual.batch_size)) if progress_factory else None
+        steps = job.dual.epochs * max(1, splits["train"].n_texts // job.dual.batch_size)
+        bar = progress_factory("dual encoder", steps) if progress_factory else None
 
         def tick(epoch, b, n, loss):
             if bar:
@@ -138,7 +139,8 @@ def run_training(job: TrainJob, progress_factory=None) -> dict:
         report["dual_train_seconds"] = time.time() - t0
     model.eval()
     # Dual-encoder metrics of the (possibly resumed) model on every split we hold.
-    feats = {name: extract_features(model, data, device) for name, data in splits.items() if name != "train" or "rerank" in job.stages}
+    feats = {name: extract_features(model, data, device) for name, data in splits.items()
+             if name != "train" or "rerank" in job.stages}
     for name in ("dev", "test"):
         if name in feats:
             sim = feats[name].sim().float().cpu().numpy()
