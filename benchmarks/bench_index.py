@@ -28,14 +28,23 @@ from report import emit, peak_rss_mb
 @click.option("--processes", type=int, default=0, show_default=True, help="decoding processes (0: threads)")
 @click.option("--json", "as_json", is_flag=True)
 def main(images, device, model, limit, repeat, batch_size, processes, as_json):
-    import torch
-
-    from indexer.decode import decode_image, is_image_name
-    from retrieval.engine import Engine
+    from indexer.decode import is_image_name
 
     files = sorted(p for p in Path(images).iterdir() if is_image_name(p.name))
     if limit:
         files = files[:limit]
+    emit(measure(files, model, device, repeat, batch_size, processes), as_json)
+
+
+def measure(files: list[Path], model: str | None, device: str = "cpu", repeat: int = 1, batch_size: int = 32,
+            processes: int = 0) -> dict:
+    """``xmr index`` of ``files`` (each linked ``repeat`` times) into a new
+    index, and the model's encoder alone on already decoded batches."""
+    import torch
+
+    from indexer.decode import decode_image
+    from retrieval.engine import Engine
+
     with tempfile.TemporaryDirectory(prefix="xmr-bench-") as tmp:
         src = Path(tmp) / "images"
         src.mkdir()
@@ -60,15 +69,14 @@ def main(images, device, model, limit, repeat, batch_size, processes, as_json):
             torch.cuda.synchronize()
         enc_rate = done / (time.perf_counter() - t1)
         engine.close()
-    out = {
+    return {
         "images": n, "indexed": summary.added, "seconds": round(seconds, 2),
         "images_per_s": round(summary.added / seconds, 2), "encoder_only_images_per_s": round(enc_rate, 2),
-        "peak_rss_mb": round(peak_rss_mb(), 1), "device": device, "model": model,
+        "peak_rss_mb": round(peak_rss_mb(), 1), "device": device, "model": engine.encoder.name,
         "image_backend": getattr(enc, "image_backend", "torch"), "decode_processes": processes,
         "views": list(getattr(enc, "views", ())),
         "torch_threads": torch.get_num_threads(),
     }
-    emit(out, as_json)
 
 
 if __name__ == "__main__":
