@@ -17,7 +17,6 @@ import json
 from pathlib import Path
 
 import click
-import numpy as np
 
 FLICKR8K = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets" / "flickr8k"
 
@@ -29,7 +28,7 @@ def gain_rows(model: str, dataset: str, split: str, ks: tuple[int, ...], limit: 
     results = evaluate_settings(dataset, None, split, model, (0,) + ks, limit, keep_ranks=True)
     base = results[0]
     n_img, n_txt = len(base["ranks"][0]), len(base["ranks"][1])
-    text_image = _caption_owners(dataset, split, limit, n_img, n_txt)
+    text_image = base["text_image"]
     rows = []
     for r in results:
         row = {"model": model, "split": split, "rerank_k": r["rerank_k"], "rsum": round(r["rsum"], 1),
@@ -41,16 +40,6 @@ def gain_rows(model: str, dataset: str, split: str, ks: tuple[int, ...], limit: 
                         "top1_t2i": top1_changes(base["ranks"][1], r["ranks"][1])})
         rows.append(row)
     return rows
-
-
-def _caption_owners(dataset: str, split: str, limit: int | None, n_img: int, n_txt: int) -> np.ndarray:
-    from retrieval.datasets import load_dataset, split_records
-
-    records = split_records(load_dataset(dataset, None), split)[: limit or None]
-    owners = np.array([i for i, r in enumerate(records) for _ in r.captions])
-    if len(records) != n_img or len(owners) != n_txt:
-        raise RuntimeError("the split changed between evaluation and bootstrap")
-    return owners
 
 
 @click.command()

@@ -521,19 +521,36 @@ def train(dataset, images, out_dir, image_tower, image_size, embed_dim, text_lay
     click.echo(json.dumps(summary, indent=2))
 
 
+def _cached_feature_options(chooses: str):
+    """The options of the commands that train heads on cached tower features
+    (dataset, output folder, feature cache, extra captions, class sets);
+    ``chooses``: what the --classes sets take part in choosing."""
+    options = [
+        click.option("--dataset", required=True, type=click.Path(exists=True), help="Flickr8k folder or Karpathy JSON."),
+        click.option("--images", type=click.Path(exists=True, file_okay=False), help="Image folder of a JSON dataset."),
+        click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+                     help="New checkpoint folder to write."),
+        click.option("--cache", "cache_dir", default="runs/feature-cache", show_default=True,
+                     type=click.Path(file_okay=False), help="Where tower features are kept between runs."),
+        click.option("--extra-captions", multiple=True, type=click.Path(exists=True, dir_okay=False),
+                     help="CSV (image,caption) of more captions of the train images, matched by name or Flickr id."),
+        click.option("--classes", "class_sets", multiple=True, type=click.Path(exists=True, file_okay=False),
+                     help=f"Labelled dev folder (one sub-folder per class) that takes part in choosing {chooses}."),
+    ]
+
+    def wrap(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return wrap
+
+
 @cli.command("wise-ft")
 @click.argument("model")
-@click.option("--dataset", required=True, type=click.Path(exists=True), help="Flickr8k folder or Karpathy JSON.")
-@click.option("--images", type=click.Path(exists=True, file_okay=False), help="Image folder of a JSON dataset.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="New checkpoint folder.")
+@_cached_feature_options("the channel's gain")
 @click.option("--alpha", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
               help="Weight of the fine-tuned tower against the pretrained one.")
-@click.option("--cache", "cache_dir", default="runs/feature-cache", show_default=True, type=click.Path(file_okay=False),
-              help="Where tower features are kept between runs.")
-@click.option("--extra-captions", multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="CSV (image,caption) of more captions of the train images, matched by name or Flickr id.")
-@click.option("--classes", "class_sets", multiple=True, type=click.Path(exists=True, file_okay=False),
-              help="Labelled dev folder (one sub-folder per class) that takes part in choosing the channel's gain.")
 @click.option("--gains", default="0,0.3,0.5,0.8", show_default=True, help="Class-channel gains to choose from.")
 @click.option("--temperatures", default="1", show_default=True, help="Class softmax temperatures to choose from.")
 @click.option("--epochs", type=click.IntRange(1, 100), default=2, show_default=True, help="Image-head epochs.")
@@ -574,15 +591,7 @@ def wise_ft(model, dataset, images, out_dir, alpha, cache_dir, extra_captions, c
 
 
 @cli.command("train-heads")
-@click.option("--dataset", required=True, type=click.Path(exists=True), help="Flickr8k folder or Karpathy JSON.")
-@click.option("--images", type=click.Path(exists=True, file_okay=False), help="Image folder of a JSON dataset.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Checkpoint folder to write.")
-@click.option("--cache", "cache_dir", default="runs/feature-cache", show_default=True, type=click.Path(file_okay=False),
-              help="Where tower features are kept between runs.")
-@click.option("--extra-captions", multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="CSV (image,caption) of more captions of the train images, matched by name or Flickr id.")
-@click.option("--classes", "class_sets", multiple=True, type=click.Path(exists=True, file_okay=False),
-              help="Labelled dev folder (one sub-folder per class) that takes part in choosing the epoch.")
+@_cached_feature_options("the epoch")
 @click.option("--image-tower", default="efficientnet-lite2", show_default=True,
               type=click.Choice(["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"]))
 @click.option("--image-head-hidden", type=click.IntRange(0, 8192), default=1024, show_default=True,

@@ -668,14 +668,13 @@ class Engine:
         _check_k(k)
         qvec = self.encoder.encode_texts([query])[0]
         rerank_k = self._rerank_k(rerank, rerank_k)
-        use_rr = rerank_k > 0
-        n = max(k, rerank_k) if use_rr else k
+        n = max(k, rerank_k)
         allowed = self._allowed(under)
         if allowed is not None and len(allowed) == 0:
             return []
         ids, scores, rows = self._recall("images", self._query_vectors(qvec), n, allowed)
         ids, scores, final, head = self._rerank_head(
-            ids, scores, rerank_k if use_rr else 0,
+            ids, scores, rerank_k,
             lambda head_ids: self.reranker.score_text_images(query, qvec, self._candidates(rows, head_ids)))
         return [
             ImageHit(rank + 1, float(final[rank]), rows[i].path, int(i), float(scores[rank]), rank < head)
@@ -738,15 +737,14 @@ class Engine:
             raise QueryError("no captions imported yet; run: xmr captions import FILE")
         q = self._query_image(image_path)
         rerank_k = self._rerank_k(rerank, rerank_k)
-        use_rr = rerank_k > 0
-        n = max(k, rerank_k) if use_rr else k
+        n = max(k, rerank_k)
         ids, scores, rows = self._recall("captions", self._query_vectors(q.embedding), n)
 
         def score(head_ids):
             embs = np.stack([np.frombuffer(rows[i].embedding, np.float32) for i in head_ids])
             return self.reranker.score_image_texts(q, [rows[i].text for i in head_ids], embs)
 
-        ids, scores, final, head = self._rerank_head(ids, scores, rerank_k if use_rr else 0, score)
+        ids, scores, final, head = self._rerank_head(ids, scores, rerank_k, score)
         return [
             CaptionHit(r + 1, float(final[r]), rows[i].text, int(i), rows[i].source, rows[i].image_name,
                        float(scores[r]), r < head)
@@ -754,9 +752,9 @@ class Engine:
         ]
 
     def _rerank_k(self, rerank: bool, rerank_k: int | None) -> int:
-        """How many recalled items to rerank: none without a reranker or when
-        ``rerank`` is off; ``rerank_k`` when given; else the reranker's default
-        (0 for one that measured no gain over recall)."""
+        """How many recalled items to rerank (0: none): none without a reranker
+        or when ``rerank`` is off; ``rerank_k`` when given; else the
+        reranker's default (0 for one that measured no gain over recall)."""
         if not rerank or self.reranker is None:
             return 0
         return self.reranker.default_k if rerank_k is None else rerank_k

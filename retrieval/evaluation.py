@@ -29,7 +29,8 @@ def evaluate_settings(dataset, images=None, split: str = "test", model: str | No
     """One result per entry of ``rerank_ks`` (0: the dual encoder alone),
     all from one temporary index. With ``keep_ranks`` each result also holds
     ``ranks``: (image -> caption, caption -> image) 0-based ranks as arrays,
-    for paired comparisons (``metrics.bootstrap_rsum_delta``)."""
+    and ``text_image``: the image of each caption, for paired comparisons
+    (``metrics.bootstrap_rsum_delta``)."""
     t0 = time.time()
     records = split_records(load_dataset(dataset, images), split)
     if limit:
@@ -64,6 +65,7 @@ def evaluate_settings(dataset, images=None, split: str = "test", model: str | No
                 })
                 if keep_ranks:
                     results[-1]["ranks"] = (np.array(i2t), np.array(t2i))
+                    results[-1]["text_image"] = np.array([i for i, r in enumerate(records) for _ in r.captions])
         finally:
             engine.close()
     return results

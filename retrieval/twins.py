@@ -70,11 +70,16 @@ def colour_twin(text: str) -> str | None:
     return None
 
 
-def number_twin(text: str) -> str | None:
+def _first_listed(text: str, table: dict[str, str]) -> str | None:
+    """The first word that is a key of ``table`` replaced by its value."""
     for start, end, w in _words(text):
-        if w in NUMBERS:
-            return _replace(text, [(start, end, NUMBERS[w])])
+        if w in table:
+            return _replace(text, [(start, end, table[w])])
     return None
+
+
+def number_twin(text: str) -> str | None:
+    return _first_listed(text, NUMBERS)
 
 
 def swap_twin(text: str) -> str | None:
@@ -89,10 +94,7 @@ def swap_twin(text: str) -> str | None:
 
 
 def action_twin(text: str) -> str | None:
-    for start, end, w in _words(text):
-        if w in ACTION_SWAP:
-            return _replace(text, [(start, end, ACTION_SWAP[w])])
-    return None
+    return _first_listed(text, ACTION_SWAP)
 
 
 RULES = {"colour": colour_twin, "number": number_twin, "swap": swap_twin, "action": action_twin}

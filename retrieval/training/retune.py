@@ -197,8 +197,15 @@ def retune(reranker, train: EngineFeatures, dev: EngineFeatures, opts: RetuneOpt
     for p in reranker.level_proj.parameters():
         p.requires_grad_(False)
     optim = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
-    n_texts = len(train.txt) if opts.captions_per_image is None else \
-        len(epoch_captions(train.text_image, opts.captions_per_image, gen))
+    per_image = opts.captions_per_image
+
+    def epoch_order() -> torch.Tensor:
+        if per_image is None:
+            return torch.randperm(len(train.txt), generator=gen)
+        return epoch_captions(train.text_image, per_image, gen)
+
+    n_texts = len(train.txt) if per_image is None else \
+        int(torch.bincount(train.text_image).clamp(max=per_image).sum())
     steps = max(1, n_texts // opts.batch_size)
     total = steps * opts.epochs
     weight, report = evaluate(reranker, dev, opts.select_k)
@@ -208,8 +215,7 @@ def retune(reranker, train: EngineFeatures, dev: EngineFeatures, opts: RetuneOpt
     step = 0
     for epoch in range(opts.epochs):
         reranker.train()
-        perm = torch.randperm(len(train.txt), generator=gen) if opts.captions_per_image is None else \
-            epoch_captions(train.text_image, opts.captions_per_image, gen)
+        perm = epoch_order()
         t0, losses = time.time(), []
         for b in range(steps):
             t = perm[b * opts.batch_size : (b + 1) * opts.batch_size]
@@ -260,10 +266,11 @@ def retune_in_place(ckpt, dataset: str, images: str | None = None, opts: RetuneO
     for split, recs in retuning_splits(dataset, images, limit).items():
         bar = progress_factory(f"features {split}", len(recs)) if progress_factory else None
         pixels = load_pixels([r.path for r in recs], enc.input_size)  # what enc.prepare makes of each
-        make = crossfit_features if split == "train" and folds > 1 else engine_features
-        extra = {"folds": folds} if make is crossfit_features else {}
-        feats[split] = make(enc, list(pixels), [r.captions for r in recs], progress=bar.update if bar else None,
-                            **extra)
+        captions, update = [r.captions for r in recs], bar.update if bar else None
+        if split == "train" and folds > 1:
+            feats[split] = crossfit_features(enc, pixels, captions, folds, progress=update)
+        else:
+            feats[split] = engine_features(enc, pixels, captions, progress=update)
         if bar:
             bar.close()
     progress = StepProgress(progress_factory, "retune", opts.epochs)
@@ -310,11 +317,10 @@ def check_reranker_fits(model_dir, reranker_dir) -> None:
     from ..errors import CheckpointError
     from . import checkpoint
 
-    rr = checkpoint.read_config(reranker_dir).get("reranker")
-    if rr is None:
+    source = checkpoint.read_config(reranker_dir)
+    if "reranker" not in source:
         raise CheckpointError(f"{reranker_dir}: holds no reranker")
-    model = checkpoint.read_config(model_dir)["model"]
-    src = checkpoint.read_config(reranker_dir)["model"]
+    model, src = checkpoint.read_config(model_dir)["model"], source["model"]
     same = all(model.get(k) == src.get(k) for k in ("image_tower", "embed_dim", "region_grid", "text_max_len"))
     if not same:
         raise CheckpointError(f"{reranker_dir}: its reranker was made for another image tower or embedding "
