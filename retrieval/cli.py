@@ -53,15 +53,19 @@ class _Group(click.Group):
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--index", "index_dir", envvar="XMR_INDEX", type=click.Path(file_okay=False),
               default=None, help="Index directory (env XMR_INDEX; default: the user data directory).")
+@click.option("--database", envvar="XMR_DATABASE", default=None, metavar="URL",
+              help="Where a new index keeps its rows: postgresql://USER@HOST/DB (a schema of its own there; needs "
+                   "the postgresql extra). Default: SQLite in the index directory. An index remembers where it was "
+                   "created (env XMR_DATABASE).")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.version_option(package_name="xmr-search", prog_name="xmr")
 @click.pass_context
-def cli(ctx, index_dir, verbose):
+def cli(ctx, index_dir, database, verbose):
     """xmr: search your images by text, find captions for an image, offline."""
     share_cpu()  # before any command imports torch
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    ctx.obj = {"index_dir": Path(index_dir) if index_dir else default_index_dir()}
+    ctx.obj = {"index_dir": Path(index_dir) if index_dir else default_index_dir(), "database": database or ""}
 
 
 def _quiet_transformers() -> None:
@@ -82,7 +86,7 @@ def _open(ctx, model=None, create=False, rerank=True, reranker=None, upgrade=Fal
     _quiet_transformers()
     choice = "none" if not rerank else (reranker or "auto")
     return Engine.open(ctx.obj["index_dir"], model=model, create=create, reranker=choice,
-                       device=ctx.obj.get("device"), upgrade=upgrade)
+                       device=ctx.obj.get("device"), upgrade=upgrade, database=ctx.obj.get("database", ""))
 
 
 def _emit_json(obj) -> None:
@@ -349,10 +353,10 @@ def upgrade(ctx):
 @click.pass_context
 def status(ctx, as_json):
     """What the index holds and where it lives."""
-    from .engine import DB_NAME
+    from indexer.database import index_exists
 
     index_dir = ctx.obj["index_dir"]
-    if not (Path(index_dir) / DB_NAME).is_file():
+    if not index_exists(Path(index_dir)):
         info = {"index_dir": str(index_dir), "images": 0, "captions": 0, "model": None, "dim": None,
                 "index_type": None, "exists": False}
     else:

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from indexer.database import ENV_VAR as DATABASE_ENV
+from indexer.database import SQLITE_FILE, DatabaseChoiceError, Location, drop_schema, locate, read_record, remember
 from indexer.decode import BadImage, decode_image
-from indexer.lock import IndexLock, ReadWriteLock
+from indexer.lock import AdvisoryLock, IndexLock, ReadWriteLock
 from indexer.pipeline import Indexer, IndexSummary
 from indexer.store import TOKEN_FILE_KEY, Store, StoreError
 from indexer.tokens import DEFAULT_FILE as TOKENS_DEFAULT_FILE
@@ -42,7 +44,7 @@ from .errors import (
 
 log = logging.getLogger(__name__)
 
-DB_NAME = "xmr.db"
+DB_NAME = SQLITE_FILE
 MAX_K = 1000
 MAX_QUERY_CHARS = 1000
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -162,7 +164,8 @@ class Engine:
         # searches on several threads (the server) read the FAISS indexes
         # together; bringing one up to date waits for them and they for it
         self._faiss_rw = ReadWriteLock()
-        self._lock = IndexLock(self.index_dir)
+        self._lock = IndexLock(self.index_dir, AdvisoryLock(store.engine, store.location.lock_key("writer"))
+                               if store.dialect == "postgresql" else None)
         # the model version the stored items were made with, where it is an
         # earlier one that :meth:`upgrade` must bring up to date before use
         self.pending_upgrade: str | None = None
@@ -178,8 +181,13 @@ class Engine:
     @classmethod
     def open(cls, index_dir: str | os.PathLike, model: str | None = None, create: bool = True,
              device: str | None = None, reranker: str | None = "auto", encoder: DualEncoder | None = None,
-             upgrade: bool = False) -> "Engine":
+             upgrade: bool = False, database: str | None = None) -> "Engine":
         """Open (or create) the index in ``index_dir``.
+
+        ``database`` is where a new index keeps its rows: None reads
+        ``XMR_DATABASE``; unset or '' is SQLite in ``index_dir``; a
+        ``postgresql://`` URL is a schema of its own on that server. An
+        existing index stays where it was created and refuses another.
 
         ``model`` names the encoder when the index is created; an existing
         index refuses another. ``reranker`` is ``"auto"`` (the model's own
@@ -190,16 +198,25 @@ class Engine:
         ``pending_upgrade`` set, and only :meth:`upgrade` may use it.
         """
         index_dir = Path(index_dir).expanduser().resolve()
-        db = index_dir / DB_NAME
-        if not db.is_file():
-            if not create:
-                raise IndexNotFound(f"no index in {index_dir}; create one with: xmr --index {index_dir} index FOLDER")
-            try:
-                index_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise IndexUnusable(f"cannot create the index folder {index_dir} ({exc.strerror or exc}); "
-                                    "choose another with --index DIR or XMR_INDEX") from None
-        store = _open_store(db)
+        if database is None:
+            database = os.environ.get(DATABASE_ENV) or None
+        try:
+            where = locate(index_dir, database, create=False)
+            if where is None:
+                if not create:
+                    raise IndexNotFound(f"no index in {index_dir}; create one with: "
+                                        f"xmr --index {index_dir} index FOLDER")
+                try:
+                    index_dir.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise IndexUnusable(f"cannot create the index folder {index_dir} ({exc.strerror or exc}); "
+                                        "choose another with --index DIR or XMR_INDEX") from None
+                where = locate(index_dir, database, create=True)
+        except DatabaseChoiceError as exc:
+            raise IndexUnusable(str(exc)) from None
+        store = _open_store(where)
+        if where.schema and read_record(index_dir) is None:  # a new PostgreSQL index: the folder records it
+            store = _remember(index_dir, store)
         meta = store.get_meta()
         stored_model = meta.get("model")
         if stored_model and model and model != stored_model:
@@ -786,6 +803,7 @@ class Engine:
         images = self._index("images") if self.pending_upgrade is None else None
         return {
             "index_dir": str(self.index_dir),
+            "database": self.store.location.shown,
             "images": self.store.count_images(),
             "captions": self.store.count_captions(),
             "model": meta.get("model"),
@@ -821,21 +839,38 @@ class Engine:
         return info
 
 
-def _open_store(db: Path) -> Store:
-    from sqlalchemy.exc import DatabaseError
+def _open_store(where: Location) -> Store:
+    from sqlalchemy.exc import DatabaseError, OperationalError
 
     try:
-        return Store(db)
-    except StoreError as exc:  # a newer schema, or one without a migration
+        return Store(where)
+    except (StoreError, DatabaseChoiceError) as exc:  # a newer schema, one without a migration, no driver
         raise IndexUnusable(str(exc)) from None
     except DatabaseError as exc:
         detail = database_error_detail(exc)
-        if "not a database" in detail or "malformed" in detail:
+        db = where.shown.removeprefix("sqlite:///")
+        if where.dialect == "postgresql":
+            hint = ("check that the server is running and reachable, and that the user may create a schema in "
+                    "that database (its password comes from the URL, PGPASSWORD or ~/.pgpass)"
+                    if isinstance(exc, OperationalError) else "check the server's log")
+        elif "not a database" in detail or "malformed" in detail:
             hint = ("it is damaged or not an xmr index; move it aside and index again "
                     "(your images are untouched), or choose another folder with --index")
         else:
             hint = "check that the folder exists and is readable and writable by you, or choose another with --index"
         raise IndexUnusable(f"{db}: cannot open the index database ({detail}); {hint}") from None
+
+
+def _remember(index_dir: Path, store: Store) -> Store:
+    """Record a new PostgreSQL index's schema in its folder; where another
+    process recorded one first, drop this (empty) schema and open that one."""
+    winner = remember(index_dir, store.location)
+    if winner == store.location:
+        return store
+    with store.engine.begin() as conn:
+        drop_schema(conn, store.location)
+    store.close()
+    return _open_store(winner)
 
 
 def _saved_generation(path: Path) -> int | None:

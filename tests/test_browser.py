@@ -16,6 +16,9 @@ from retrieval.server import create_app
 from .conftest import ROOT, make_image
 from .fakes import COLORS, FakeEncoder
 
+# on SQLite and on PostgreSQL (tests/conftest.py)
+pytestmark = pytest.mark.databases
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = ROOT / "test-artifacts"
 

@@ -8,6 +8,9 @@ from click.testing import CliRunner
 
 from retrieval.cli import cli
 
+# on SQLite and on PostgreSQL (tests/conftest.py)
+pytestmark = pytest.mark.databases
+
 COMMANDS = ["index", "search", "similar", "captions", "caption", "remove", "status", "eval", "train", "quantize",
             "retune-reranker", "serve", "upgrade"]
 
@@ -101,16 +104,16 @@ def test_full_cli_flow(tmp_path, mini_images, mini_dataset):
 
     # the same index as the previous release left it (same image side, other text
     # side): refused until `xmr upgrade`, which makes it what this release builds
-    from indexer.store import Store
     from retrieval.encoders import create_encoder
+    from tests.conftest import index_store
 
     earlier = create_encoder("xmr-lite2").earlier_versions[0]
-    store = Store(idx / "xmr.db")
+    store = index_store(idx)
     from sqlalchemy import text
 
     with store.session() as s, s.begin():
         s.execute(text("UPDATE images SET bias = 0.5"))
-        s.execute(text("UPDATE captions SET bias = NULL, embedding = zeroblob(1024)"))
+        s.execute(text("UPDATE captions SET bias = NULL, embedding = :z"), {"z": bytes(1024)})
     store.set_meta(model_version=earlier, image_side="")
     store.close()
     pending = json.loads(run(["status", "--json"], idx).output)
@@ -247,26 +250,41 @@ def test_unusable_index_folders_give_one_line_errors(tmp_path):
     blocker.write_text("not a folder")
     res = run(["index", str(tmp_path)], blocker / "index", ok=False)
     assert res.exit_code == 1 and "cannot create the index folder" in res.output and "Traceback" not in res.output
+    from indexer.store import SCHEMA_VERSION
+    from tests.conftest import index_store
+
+    newer = tmp_path / "newer"
+    index_store(newer, schema_version=SCHEMA_VERSION + 1, migrations={}).close()
+    res = run(["status"], newer, ok=False)
+    assert res.exit_code == 1 and "written by a newer xmr" in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.sqlite_only
+def test_a_damaged_sqlite_file_is_left_as_it_was(tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "xmr.db").write_text("garbage, not SQLite")
     res = run(["status"], bad, ok=False)
     assert res.exit_code == 1 and "damaged or not an xmr index" in res.output
     assert (bad / "xmr.db").read_text() == "garbage, not SQLite"  # left as it was
-    from indexer.store import SCHEMA_VERSION, Store
-
-    newer = tmp_path / "newer"
-    newer.mkdir()
-    Store(newer / "xmr.db", schema_version=SCHEMA_VERSION + 1, migrations={}).close()
-    res = run(["status"], newer, ok=False)
-    assert res.exit_code == 1 and "written by a newer xmr" in res.output and "Traceback" not in res.output
 
 
-def test_a_database_damaged_after_opening_gives_one_line_error(tmp_path, mini_images):
+def test_a_database_damaged_after_opening_gives_one_line_error(tmp_path, mini_images, backend):
     idx = tmp_path / "index"
     run(["index", str(mini_images)], idx)
     for f in idx.glob("images.faiss*"):
         f.unlink()  # the next search must read the rows
+    if backend == "postgresql":  # a table gone from under the index
+        from tests.conftest import index_store
+
+        store = index_store(idx)
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql("DROP TABLE images")
+        store.close()
+        res = run(["search", "a dog"], idx, ok=False)
+        assert res.exit_code == 1 and "the table images of this index is gone" in res.output, res.output
+        assert "Traceback" not in res.output
+        return
     import sqlite3
 
     db = idx / "xmr.db"

@@ -15,6 +15,9 @@ from retrieval.errors import CaptionFileError, ModelMismatch, QueryError
 from .conftest import make_image
 from .fakes import COLORS, FakeEncoder, TokenEncoder
 
+# on SQLite and on PostgreSQL (tests/conftest.py)
+pytestmark = pytest.mark.databases
+
 
 def open_engine(tmp_path, encoder=None):
     return Engine.open(tmp_path / "index", create=True, reranker="none", encoder=encoder or FakeEncoder())

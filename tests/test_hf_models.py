@@ -9,6 +9,9 @@ from retrieval.engine import Engine
 from .conftest import make_image
 from .fakes import COLORS
 
+# on SQLite and on PostgreSQL (tests/conftest.py)
+pytestmark = pytest.mark.databases
+
 
 def _tokenizer():
     from transformers import AutoTokenizer

@@ -1,38 +1,50 @@
 """A run killed with SIGKILL mid-way leaves a consistent index; the next run finishes."""
 
+import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
 
 import pytest
+from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
+
+# on SQLite and on PostgreSQL (tests/conftest.py)
+pytestmark = pytest.mark.databases
 
 
-def counts(db):
-    """(images, images whose tokens are on disk, images with a bad vector)."""
-    con = sqlite3.connect(db)
+def counts(idx):
+    """(images, images whose tokens are on disk, images with a bad vector) of
+    the index in folder ``idx``, read through its store (SQLite or PostgreSQL)."""
+    from indexer.database import locate
+    from indexer.store import ImageRow, Store
+
+    st = Store(locate(idx, os.environ.get("XMR_DATABASE"), create=False))
     try:
-        n_img = con.execute("SELECT COUNT(*) FROM images").fetchone()[0]
-        slots = [r[0] for r in con.execute("SELECT token_slot FROM images WHERE token_slot IS NOT NULL")]
-        bad = con.execute("SELECT COUNT(*) FROM images WHERE length(embedding) != 256 * 4").fetchone()[0]
+        with st.session() as s:
+            n_img = s.scalar(select(func.count(ImageRow.id)))
+            slots = list(s.scalars(select(ImageRow.token_slot).where(ImageRow.token_slot.is_not(None))))
+            bad = s.scalar(select(func.count(ImageRow.id)).where(func.length(ImageRow.embedding) != 256 * 4))
     finally:
-        con.close()
-    tokens = db.parent / "tokens.f16"
+        st.close()
+    tokens = idx / "tokens.f16"
     on_disk = tokens.stat().st_size // (98 * 128 * 2) if tokens.exists() else 0
     n_tok = sum(1 for s in slots if s < on_disk)
     return n_img, n_tok, bad
 
 
-def wait_for_rows(proc, db, n: int = 4, timeout: float = 300) -> None:
+def wait_for_rows(proc, idx, n: int = 4, timeout: float = 300) -> None:
     """Wait until the indexing run ``proc`` has committed ``n`` images."""
+    from indexer.database import index_exists
+
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if db.exists():
+        if index_exists(idx):
             try:
-                if counts(db)[0] >= n:
+                if counts(idx)[0] >= n:
                     return
-            except sqlite3.Error:
+            except SQLAlchemyError:  # the tables are not there yet
                 pass
         if proc.poll() is not None:
             pytest.fail("indexing ended before it could be stopped: " + proc.stderr.read().decode()[-500:])
@@ -46,11 +58,10 @@ def test_sigkill_during_indexing_then_resume(tmp_path, mini_images):
     cmd = [sys.executable, "-m", "retrieval.cli", "--index", str(idx), "index", "-q", "--batch-size", "4",
            "--model", "xmr-lite2", str(mini_images)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    db = idx / "xmr.db"
-    wait_for_rows(proc, db)
+    wait_for_rows(proc, idx)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    n_img, n_tok, bad = counts(db)
+    n_img, n_tok, bad = counts(idx)
     assert 0 < n_img < 32, n_img
     assert n_tok == n_img and bad == 0  # every image fully present (row, vector, tokens) or absent
 
@@ -65,7 +76,7 @@ def test_sigkill_during_indexing_then_resume(tmp_path, mini_images):
     import json
 
     assert json.loads(res.output)["images"] == 32
-    n_img, n_tok, bad = counts(db)
+    n_img, n_tok, bad = counts(idx)
     assert (n_img, n_tok, bad) == (32, 32, 0)
 
 
@@ -74,18 +85,15 @@ def test_ctrl_c_stops_indexing_cleanly(tmp_path, mini_images):
     """Ctrl-C (SIGINT to the whole process group, decoding worker processes
     included) stops the run at once with one line and no tracebacks; what was
     indexed stays whole."""
-    import os
-
     idx = tmp_path / "index"
     cmd = [sys.executable, "-m", "retrieval.cli", "--index", str(idx), "index", "-q", "--batch-size", "4", "--model", "xmr-lite2",
            "--processes", "2", str(mini_images)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    db = idx / "xmr.db"
-    wait_for_rows(proc, db)
+    wait_for_rows(proc, idx)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     err = err.decode()
     assert proc.returncode == 130, err
     assert "interrupted:" in err and "Traceback" not in err, err
-    n_img, n_tok, bad = counts(db)
+    n_img, n_tok, bad = counts(idx)
     assert 0 < n_img < 32 and n_tok == n_img and bad == 0

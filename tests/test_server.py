@@ -11,6 +11,9 @@ from retrieval.server import create_app
 from .conftest import make_image
 from .fakes import COLORS, FakeEncoder
 
+# on SQLite and on PostgreSQL (tests/conftest.py)
+pytestmark = pytest.mark.databases
+
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):

@@ -10,6 +10,9 @@ from retrieval.server import create_app
 from .conftest import make_image
 from .fakes import COLORS, FakeEncoder
 
+# on SQLite and on PostgreSQL (tests/conftest.py)
+pytestmark = pytest.mark.databases
+
 
 @pytest.fixture(scope="module")
 def api_schema(tmp_path_factory):

@@ -5,9 +5,12 @@ from indexer.store import Store, StoreError
 from retrieval.captions import read_caption_file
 from retrieval.errors import CaptionFileError
 
+# on SQLite and on PostgreSQL (tests/conftest.py)
+pytestmark = pytest.mark.databases
 
-def test_migrations_run_in_order(tmp_path):
-    db = tmp_path / "x.db"
+
+def test_migrations_run_in_order(store_at):
+    db = store_at()
     Store(db, schema_version=2).close()
     calls = []
 
@@ -24,10 +27,10 @@ def test_migrations_run_in_order(tmp_path):
         Store(db, schema_version=2)
 
 
-def test_schema_2_index_opens_as_current(tmp_path):
+def test_schema_2_index_opens_as_current(store_at):
     from indexer.store import SCHEMA_VERSION
 
-    db = tmp_path / "x.db"
+    db = store_at()
     Store(db, schema_version=2).close()
     assert SCHEMA_VERSION == 4 and Store(db).get_meta()["schema_version"] == "4"
 
@@ -43,6 +46,7 @@ INSERT INTO meta VALUES ('schema_version', '1'), ('generation_images', '3');
 """
 
 
+@pytest.mark.sqlite_only
 def test_a_schema_1_index_is_migrated_without_losing_rows(tmp_path):
     import sqlite3
 
@@ -67,8 +71,8 @@ def test_a_schema_1_index_is_migrated_without_losing_rows(tmp_path):
     assert next(st.iter_vectors("images", 4, ids=new))[2].tolist() == [0.5]
 
 
-def test_journal_reports_net_changes_and_forgets_after_pruning(tmp_path):
-    st = Store(tmp_path / "x.db")
+def test_journal_reports_net_changes_and_forgets_after_pruning(store_at):
+    st = Store(store_at())
     row = dict(size=1, mtime_ns=1, sha256="h", width=2, height=2, embedding=np.ones(4, np.float32))
     a = st.write_images([dict(row, path="/a.jpg"), dict(row, path="/b.jpg")], [], [], [])
     g1 = st.generation("images")
@@ -82,8 +86,8 @@ def test_journal_reports_net_changes_and_forgets_after_pruning(tmp_path):
     assert st.changes("images", g1, g2)[0] == b2
 
 
-def test_write_is_atomic_per_batch(tmp_path):
-    st = Store(tmp_path / "x.db")
+def test_write_is_atomic_per_batch(store_at):
+    st = Store(store_at())
     row = dict(path="/a.jpg", size=1, mtime_ns=1, sha256="h", width=2, height=2, embedding=np.ones(4, np.float32))
     bad = dict(row, path="/b.jpg", width=None)  # violates NOT NULL
     from sqlalchemy.exc import IntegrityError
@@ -95,10 +99,10 @@ def test_write_is_atomic_per_batch(tmp_path):
     assert st.count_images() == 1 and st.generation("images") == 1
 
 
-def test_rows_under_thousands_of_paths(tmp_path):
+def test_rows_under_thousands_of_paths(store_at):
     """`xmr index *.jpg` hands over every file as a root: thousands of
     prefixes must not make one SQL expression too deep for SQLite."""
-    st = Store(tmp_path / "x.db")
+    st = Store(store_at())
     row = dict(size=1, mtime_ns=1, sha256="h", width=2, height=2, embedding=np.ones(4, np.float32))
     st.write_images([dict(row, path=f"/p/img{i:04d}.jpg") for i in range(1500)]
                     + [dict(row, path="/p/sub/a.jpg"), dict(row, path="/p-other/b.jpg")], [], [], [])
@@ -109,10 +113,10 @@ def test_rows_under_thousands_of_paths(tmp_path):
     assert st.remove_paths(asked) == 751 and st.count_images() == 751
 
 
-def test_bulk_writes_return_each_row_its_own_id(tmp_path):
+def test_bulk_writes_return_each_row_its_own_id(store_at):
     """Images and captions go in with one INSERT a batch; the ids returned
     follow the order of the rows given (the journal and callers rely on it)."""
-    st = Store(tmp_path / "x.db")
+    st = Store(store_at())
     row = dict(size=1, mtime_ns=1, sha256="h", width=2, height=2)
     st.write_images([dict(row, path="/first.jpg", embedding=np.zeros(4, np.float32))], [], [], [])
     paths = [f"/p/{i:03d}.jpg" for i in range(300)][::-1]
@@ -220,6 +224,7 @@ def test_line_formats_stream_with_any_line_ending(tmp_path, monkeypatch):
         read_caption_file(f)
 
 
+@pytest.mark.sqlite_only
 def test_schema_3_index_gets_the_duplicate_check_index(tmp_path):
     import sqlite3
 
