@@ -4,8 +4,10 @@ An index is described by a factory string plus search parameters, both
 stored beside it. Small collections use exact inner-product search
 (``IDMap2,Flat``); past :data:`EXACT_LIMIT` vectors an IVF index is chosen,
 with ``nprobe`` set so that recall@10 against exact search stays >= 0.95,
-holding float vectors up to :data:`COMPRESS_LIMIT` and 8-bit codes past it.
-Removal really removes (``remove_ids``). Files are written atomically, with
+holding float vectors up to :data:`COMPRESS_LIMIT`, 8-bit codes past it and
+product codes after a learned rotation past :data:`PQ_LIMIT`
+(``indexer.shards`` builds those from shards, merged on disk, for a
+collection past one machine's memory). Removal really removes (``remove_ids``). Files are written atomically, with
 a JSON sidecar that records the store generation the index reflects.
 On a machine where faiss sees a GPU, searches run on a GPU copy of the index.
 """
@@ -27,6 +29,10 @@ log = logging.getLogger(__name__)
 _GPU_LOCK = threading.Lock()
 
 EXACT_LIMIT = 50_000
+# Past this many vectors, product codes (OPQ + IVF-PQ, 64 bytes of codes
+# and 8 of id a vector instead of SQ8's 265), re-scored exactly from the
+# stored vectors: benchmarks/bench_ivfpq.py (RESULTS section 11).
+PQ_LIMIT = 10_000_000
 # Past this many vectors, IVF keeps 8-bit codes instead of float32 vectors
 # (257 instead of 1,028 bytes a vector with the query bank's bias column), so
 # that an index of millions still fits a laptop's memory; recall@10 against
@@ -51,14 +57,46 @@ class IndexSpec:
 
     @property
     def nlist(self) -> int:
-        """The number of inverted lists of an IVF spec ("IVF4096,Flat": 4096)."""
-        return int(self.factory.split(",")[0][3:])
+        """The number of inverted lists of an IVF spec ("IVF4096,Flat",
+        "OPQ64_256,IVF4096,PQ64": 4096)."""
+        return int(next(part for part in self.factory.split(",") if part.startswith("IVF"))[3:])
+
+    @property
+    def codes(self) -> str:
+        """What an IVF spec stores a vector as: "Flat", "SQ8" or "PQ"."""
+        last = self.factory.split(",")[-1]
+        return "PQ" if last.startswith("PQ") else last
 
 
-def choose_spec(n_vectors: int, exact_limit: int = EXACT_LIMIT, compress_limit: int = COMPRESS_LIMIT) -> IndexSpec:
-    """The index type for a collection of ``n_vectors``."""
+def pq_spec(n_vectors: int, dim: int, code_bytes: int | None = None, nprobe: int | None = None,
+            rescore: int = 10, nlist: int | None = None) -> IndexSpec:
+    """The OPQ + IVF-PQ spec for ``n_vectors`` of ``dim`` dimensions:
+    ``nlist`` about sqrt(n) unless given (a power of two, 64 to 65,536),
+    ``nprobe`` a quarter of the lists, ``code_bytes`` sub-quantizers of 8
+    bits (default: 64 from 256 dimensions up, else a power of two near
+    dim/4) after a learned rotation to the largest multiple of
+    ``code_bytes`` not above ``dim``; ``rescore``: how many times the hits
+    wanted a search fetches for exact re-scoring."""
+    if code_bytes is None:
+        code_bytes = 64 if dim >= 256 else max(4, 2 ** int(math.log2(max(dim, 4) // 4)))
+    if nlist is None:
+        nlist = int(2 ** round(math.log2(math.sqrt(max(n_vectors, 1)))))
+        nlist = max(64, min(nlist, 65536))
+    d_out = dim - dim % code_bytes
+    if d_out == 0:
+        raise ValueError(f"{code_bytes} code bytes need at least {code_bytes} dimensions, not {dim}")
+    return IndexSpec(f"OPQ{code_bytes}_{d_out},IVF{nlist},PQ{code_bytes}",
+                     {"nprobe": nprobe or max(16, nlist // 4), "rescore": rescore})
+
+
+def choose_spec(n_vectors: int, exact_limit: int = EXACT_LIMIT, compress_limit: int = COMPRESS_LIMIT,
+                dim: int | None = None, pq_limit: int = PQ_LIMIT) -> IndexSpec:
+    """The index type for a collection of ``n_vectors`` (of ``dim``
+    dimensions: needed past ``pq_limit``)."""
     if n_vectors <= exact_limit:
         return IndexSpec("IDMap2,Flat")
+    if n_vectors > pq_limit and dim is not None and dim >= 16:
+        return pq_spec(n_vectors, dim)
     nlist = int(2 ** round(math.log2(4 * math.sqrt(n_vectors))))
     nlist = max(64, min(nlist, 65536))
     nprobe = max(16, nlist // 4)
@@ -67,7 +105,7 @@ def choose_spec(n_vectors: int, exact_limit: int = EXACT_LIMIT, compress_limit: 
 
 
 def spec_still_fits(spec: IndexSpec, n_vectors: int, exact_limit: int = EXACT_LIMIT,
-                    compress_limit: int = COMPRESS_LIMIT) -> bool:
+                    compress_limit: int = COMPRESS_LIMIT, pq_limit: int = PQ_LIMIT) -> bool:
     """Whether an index built as ``spec`` may keep growing in place at
     ``n_vectors``, or should be rebuilt as the type :func:`choose_spec` picks.
 
@@ -78,7 +116,12 @@ def spec_still_fits(spec: IndexSpec, n_vectors: int, exact_limit: int = EXACT_LI
     """
     if spec.factory == "IDMap2,Flat":
         return n_vectors <= exact_limit * 1.25
+    if spec.factory.startswith("OPQ"):
+        ideal = min(max(math.sqrt(max(n_vectors, 1)), 64), 65536)
+        return n_vectors > pq_limit * 0.75 and ideal / 2 <= spec.nlist <= ideal * 2
     if spec.factory.startswith("IVF"):
+        if n_vectors > pq_limit * 1.25:
+            return False
         if n_vectors <= exact_limit * 0.75:
             return False
         if spec.factory.endswith(",Flat") and n_vectors > compress_limit * 1.25:
@@ -117,8 +160,8 @@ class VectorIndex:
     @property
     def exact_scores(self) -> bool:
         """Whether search scores are exact (float vectors) rather than
-        estimated from 8-bit codes."""
-        return not self.spec.factory.endswith(",SQ8")
+        estimated from 8-bit or product codes."""
+        return self.spec.factory == "IDMap2,Flat" or self.spec.codes == "Flat"
 
     @property
     def needs_training(self) -> bool:
@@ -144,14 +187,24 @@ class VectorIndex:
         Assignments are kept by id, so rows that another process adds or
         removes between the passes cannot shift them onto other vectors."""
         faiss = _faiss()
-        if not (self.spec.factory.startswith("IVF") and self.ntotal == 0):
-            raise ValueError(f"fill() fills an empty bare IVF index, not {self.spec.factory} of {self.ntotal}")
+        if not ("IVF" in self.spec.factory and self.ntotal == 0):
+            raise ValueError(f"fill() fills an empty IVF index, not {self.spec.factory} of {self.ntotal}")
         ivf = faiss.extract_index_ivf(self.index)
+        # a rotation before the IVF (OPQ): the lists hold rotated vectors
+        chain = faiss.downcast_index(self.index)
+        steps = ([faiss.downcast_VectorTransform(chain.chain.at(i)) for i in range(chain.chain.size())]
+                 if isinstance(chain, faiss.IndexPreTransform) else [])
 
-        def assign(vecs):
-            return ivf.quantizer.assign(np.ascontiguousarray(vecs, dtype=np.float32), 1).ravel().astype(np.int64)
+        def transformed(vecs):
+            x = np.ascontiguousarray(vecs, dtype=np.float32)
+            for step in steps:
+                x = step.apply(x)
+            return np.ascontiguousarray(x, dtype=np.float32)
 
-        seen = [(np.asarray(ids, np.int64), assign(vecs)) for ids, vecs in batches()]
+        def assign(x):
+            return ivf.quantizer.assign(x, 1).ravel().astype(np.int64)
+
+        seen = [(np.asarray(ids, np.int64), assign(transformed(vecs))) for ids, vecs in batches()]
         known_ids = np.concatenate([i for i, _ in seen]) if seen else np.zeros(0, np.int64)
         known_lists = np.concatenate([a for _, a in seen]) if seen else np.zeros(0, np.int64)
         del seen
@@ -163,7 +216,7 @@ class VectorIndex:
             lists.resize(int(list_no), int(counts[list_no]))  # sets the capacity ...
             lists.resize(int(list_no), 0)  # ... which shrinking the size keeps
         for ids, vecs in batches():
-            x = np.ascontiguousarray(vecs, dtype=np.float32)
+            x = transformed(vecs)
             ids = np.ascontiguousarray(ids, dtype=np.int64)
             labels = np.full(len(ids), -1, np.int64)
             if len(known_ids):
@@ -174,6 +227,8 @@ class VectorIndex:
             if new.any():
                 labels[new] = assign(x[new])
             ivf.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(labels))
+        if steps:  # the wrapper counts what its IVF holds only when it adds itself
+            self.index.ntotal = ivf.ntotal
         self._gpu_index = None
 
     def remove(self, ids) -> int:
@@ -291,16 +346,17 @@ class VectorIndex:
 
 
 def build_index(dim: int, batches, n_vectors: int, exact_limit: int = EXACT_LIMIT,
-                use_gpu: bool | None = None, compress_limit: int = COMPRESS_LIMIT) -> VectorIndex:
+                use_gpu: bool | None = None, compress_limit: int = COMPRESS_LIMIT,
+                pq_limit: int = PQ_LIMIT) -> VectorIndex:
     """Build the right index for ``n_vectors`` from an iterable of (ids, vectors).
 
     ``batches`` must be re-iterable (a callable returning a fresh iterator)
     when the chosen index needs training.
     """
-    spec = choose_spec(n_vectors, exact_limit, compress_limit)
+    spec = choose_spec(n_vectors, exact_limit, compress_limit, dim, pq_limit)
     index = VectorIndex(dim, spec, use_gpu)
     if index.needs_training:
-        want = min(n_vectors, max(spec.nlist * 39, 20_000))
+        want = min(n_vectors, max(spec.nlist * (64 if spec.codes == "PQ" else 39), 20_000))
         sample, got = np.empty((want, dim), np.float32), 0  # filled in place: one copy, not two
         for _, vecs in batches():
             take = min(len(vecs), want - got)

@@ -23,7 +23,7 @@ from indexer.pipeline import Indexer, IndexSummary
 from indexer.store import TOKEN_FILE_KEY, Store, StoreError
 from indexer.tokens import DEFAULT_FILE as TOKENS_DEFAULT_FILE
 from indexer.tokens import TokenShapeMismatch, TokenStore, TokenStoreDamaged
-from indexer.vectors import COMPRESS_LIMIT, EXACT_LIMIT, VectorIndex, build_index, spec_still_fits
+from indexer.vectors import COMPRESS_LIMIT, EXACT_LIMIT, PQ_LIMIT, VectorIndex, build_index, spec_still_fits
 from indexer.walk import lies_below
 from reranker.base import ImageCandidate, Reranker, fuse, rerank_order
 
@@ -153,13 +153,14 @@ def _record_image_side(store: Store, encoder: DualEncoder) -> None:
 
 class Engine:
     def __init__(self, index_dir: Path, store: Store, encoder: DualEncoder, reranker: Reranker | None = None,
-                 exact_limit: int = EXACT_LIMIT, compress_limit: int = COMPRESS_LIMIT):
+                 exact_limit: int = EXACT_LIMIT, compress_limit: int = COMPRESS_LIMIT, pq_limit: int = PQ_LIMIT):
         self.index_dir = Path(index_dir)
         self.store = store
         self.encoder = encoder
         self.reranker = reranker
         self.exact_limit = exact_limit
         self.compress_limit = compress_limit
+        self.pq_limit = pq_limit
         self._indexes: dict[str, VectorIndex] = {}
         # searches on several threads (the server) read the FAISS indexes
         # together; bringing one up to date waits for them and they for it
@@ -316,7 +317,7 @@ class Engine:
             return None
         changes = self.store.changes(name, index.generation, gen)
         if changes is None or not spec_still_fits(index.spec, self._count(name), self.exact_limit,
-                                                   self.compress_limit):
+                                                   self.compress_limit, self.pq_limit):
             return None
         added, touched = changes
         index.remove(touched)
@@ -355,7 +356,7 @@ class Engine:
             index = None
         if index is None:
             index = build_index(self._index_dim(), lambda: self._stream(name), self._count(name), self.exact_limit,
-                                compress_limit=self.compress_limit)
+                                compress_limit=self.compress_limit, pq_limit=self.pq_limit)
             index.generation = gen
             self.store.set_meta(**{f"{name}_factory": index.spec.factory, f"{name}_params": index.spec.params})
         with self._lock.hold(wait=False) as writable:  # a writer elsewhere: its run writes the file
@@ -652,12 +653,13 @@ class Engine:
         """The top ``n`` of ``images`` or ``captions`` for one FAISS query
         vector: (ids, recall scores, their store rows). Rows removed by another
         process since the FAISS file was read are dropped, and so is
-        ``leave_out``. An index of 8-bit codes is asked for more candidates,
-        which are re-scored exactly from the stored float vectors."""
+        ``leave_out``. An index of 8-bit or product codes is asked for more
+        candidates (its spec's ``rescore`` times), which are re-scored exactly
+        from the stored float vectors."""
         index = self._index(name)
         fetch = n + (leave_out is not None)
         if not index.exact_scores:
-            fetch *= RESCORE_FACTOR
+            fetch *= int(index.spec.params.get("rescore", RESCORE_FACTOR))
         with self._faiss_rw.read():
             scores, ids = index.search(query, fetch, allowed)
         rows = (self.store.image_rows if name == "images" else self.store.caption_rows)(

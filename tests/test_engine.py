@@ -664,17 +664,19 @@ def test_compressed_index_answers_like_exact_search(tmp_path):
     for i in range(300):
         make_image(root / f"{i:03d}.png", tuple(int(c) for c in rng.integers(0, 256, 3)), size=(8, 8), fmt="PNG")
     answers = {}
-    for name, limits in {"exact": {}, "codes": {"exact_limit": 100, "compress_limit": 200}}.items():
+    tiers = {"exact": ({}, "IDMap2,Flat"), "codes": ({"exact_limit": 100, "compress_limit": 200}, ",SQ8"),
+             "product": ({"exact_limit": 100, "compress_limit": 150, "pq_limit": 200}, ",PQ4")}
+    for name, (limits, kind) in tiers.items():
         engine = Engine.open(tmp_path / name, create=True, reranker="none", encoder=FakeEncoder())
         for key, value in limits.items():
             setattr(engine, key, value)
         engine.index([root])
-        factory = engine.status()["index_type"]
-        assert factory.endswith(",SQ8") if limits else factory == "IDMap2,Flat"
+        assert engine.status()["index_type"].endswith(kind)
         hits = [engine.search(q, k=8, rerank=False) for q in ("red", "green blue", "white red")]
         hits.append(engine.similar(root / "007.png", k=8))
         answers[name] = [([h.id for h in hs], [h.score for h in hs]) for hs in hits]
         engine.close()
-    for (ids, scores), (want_ids, want_scores) in zip(answers["codes"], answers["exact"]):
-        assert ids == want_ids and np.allclose(scores, want_scores, atol=1e-5)
-    assert 7 not in answers["codes"][-1][0]  # the query image is left out of its similar images
+    for tier in ("codes", "product"):
+        for (ids, scores), (want_ids, want_scores) in zip(answers[tier], answers["exact"]):
+            assert ids == want_ids and np.allclose(scores, want_scores, atol=1e-5), tier
+        assert 7 not in answers[tier][-1][0]  # the query image is left out of its similar images
