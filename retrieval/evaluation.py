@@ -72,9 +72,12 @@ def evaluate_settings(dataset, images=None, split: str = "test", model: str | No
 
 
 def temporary_engine(folder: str, model: str | None, rerank_ks) -> Engine:
-    """A new index in ``folder``, with the model's reranker where some setting reranks."""
+    """A new index in ``folder``, with the model's reranker where some setting
+    reranks; its rows in SQLite there, whatever XMR_DATABASE names (a
+    scratch index must not leave a schema behind on a server)."""
     wants_rr = any(k > 0 for k in rerank_ks)
-    return Engine.open(Path(folder) / "index", model=model, create=True, reranker="auto" if wants_rr else "none")
+    return Engine.open(Path(folder) / "index", model=model, create=True, reranker="auto" if wants_rr else "none",
+                       database="")
 
 
 def with_bar(progress, desc: str, total: int, work):

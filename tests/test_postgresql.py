@@ -123,3 +123,14 @@ def test_two_writer_processes_share_one_index(tmp_path, mini_images, postgres_ur
     tokens = eng._tokens(ids.tolist())  # every slot reads back whole (checksums)
     assert len(tokens) == 32 and all(np.isfinite(t).all() for t in tokens.values())
     eng.close()
+
+
+def test_scratch_indexes_stay_in_sqlite_whatever_xmr_database_says(tmp_path, monkeypatch):
+    """`xmr eval` and the zero-shot benchmark index into a temporary folder:
+    with XMR_DATABASE set, that must not leave schemas behind on the server."""
+    from retrieval.evaluation import temporary_engine
+
+    monkeypatch.setenv("XMR_DATABASE", "postgresql://nobody@127.0.0.1:1/none")  # unreachable: touching it fails
+    engine = temporary_engine(str(tmp_path), None, [0])
+    assert engine.store.dialect == "sqlite" and (tmp_path / "index" / "xmr.db").is_file()
+    engine.close()
