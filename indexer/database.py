@@ -43,6 +43,10 @@ class Location:
     url: str
     schema: str | None = None
 
+    @classmethod
+    def sqlite(cls, path: str | os.PathLike) -> "Location":
+        return cls(f"sqlite:///{path}")
+
     @property
     def dialect(self) -> str:
         return make_url(self.url).get_backend_name()
@@ -156,11 +160,11 @@ def locate(index_dir: Path, requested: str | None, create: bool) -> Location | N
                 f"the index in {index_dir} keeps its rows in SQLite ({sqlite_file}), not in "
                 f"{make_url(requested).render_as_string(hide_password=True)}; unset --database and XMR_DATABASE "
                 "to use it, or build a PostgreSQL index in another folder with --index")
-        return Location(f"sqlite:///{sqlite_file}")
+        return Location.sqlite(sqlite_file)
     if not create:
         return None
     if not requested:
-        return Location(f"sqlite:///{sqlite_file}")
+        return Location.sqlite(sqlite_file)
     return Location(requested, f"xmr_{uuid.uuid4().hex[:16]}")
 
 

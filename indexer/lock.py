@@ -25,6 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from sqlalchemy import text
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not POSIX
@@ -93,8 +95,6 @@ class AdvisoryLock:
         self._conn = None
 
     def holder(self) -> str:
-        from sqlalchemy import text
-
         q = text("SELECT a.pid, a.client_addr, a.application_name FROM pg_locks l "
                  "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
                  "AND l.classid = ((:k >> 32) & 4294967295)::oid AND l.objid = (:k & 4294967295)::oid AND l.objsubid = 1")
@@ -108,8 +108,6 @@ class AdvisoryLock:
         return f"PostgreSQL backend pid {row[0]} from {row[1] or 'a local socket'}"
 
     def acquire(self, wait: bool, on_wait: Callable[[str], None] | None) -> bool:
-        from sqlalchemy import text
-
         conn = self.engine.connect()
         try:
             got = conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": self.key}).scalar()
@@ -128,8 +126,6 @@ class AdvisoryLock:
         return True
 
     def release(self) -> None:
-        from sqlalchemy import text
-
         if self._conn is None:
             return
         conn, self._conn = self._conn, None

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .vectors import IndexSpec
+from .vectors import IndexSpec, VectorIndex
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +35,9 @@ Shard = tuple[int, Callable[[], tuple[np.ndarray, np.ndarray]]]
 
 def train_empty(spec: IndexSpec, dim: int, sample: np.ndarray):
     """An empty FAISS index of ``spec``, trained on ``sample`` (inner product)."""
-    import faiss
-
-    index = faiss.index_factory(dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
-    index.train(np.ascontiguousarray(sample, dtype=np.float32))
-    return index
+    index = VectorIndex(dim, spec, use_gpu=False)
+    index.train(sample)
+    return index.index
 
 
 def fill_shard(trained_path: str | os.PathLike, shard: Shard, out_dir: str | os.PathLike,

@@ -148,6 +148,9 @@ def _copy_in(s: Session, table, rows: list[dict], with_ids: bool) -> list[int]:
     first gets an id drawn from the table's sequence, returned in row order.
     (COPY takes a 100,000-row batch several times faster than a multi-row
     INSERT ... RETURNING: benchmarks/RESULTS.md.)"""
+    import psycopg
+    from sqlalchemy.exc import DBAPIError
+
     if not rows:
         return []
     conn = s.connection()
@@ -156,9 +159,6 @@ def _copy_in(s: Session, table, rows: list[dict], with_ids: bool) -> list[int]:
         seq = conn.execute(text("SELECT pg_get_serial_sequence(:t, 'id')"), {"t": table.name}).scalar()
         ids = list(conn.execute(text("SELECT nextval(:s) FROM generate_series(1, :n)"),
                                 {"s": seq, "n": len(rows)}).scalars())
-    import psycopg
-    from sqlalchemy.exc import DBAPIError
-
     keys = list(rows[0])
     columns = (["id"] if with_ids else []) + keys
     statement = f"COPY {table.name} ({', '.join(columns)}) FROM STDIN"
@@ -187,7 +187,7 @@ class Store:
 
     def __init__(self, where: Location | str | os.PathLike, schema_version: int = SCHEMA_VERSION,
                  migrations: dict[int, Callable] | None = None):
-        self.location = where if isinstance(where, Location) else Location(f"sqlite:///{Path(where)}")
+        self.location = where if isinstance(where, Location) else Location.sqlite(Path(where))
         self.schema_version = schema_version
         self.migrations = MIGRATIONS if migrations is None else migrations
         self.engine = connect(self.location)
@@ -209,7 +209,8 @@ class Store:
     def _init_schema(self) -> None:
         with self.engine.begin() as conn:
             create_schema(conn, self.location)
-            if not inspect(conn).has_table("meta", schema=self.location.schema):
+            have = set(inspect(conn).get_table_names(schema=self.location.schema))
+            if "meta" not in have:
                 Base.metadata.create_all(conn)
                 conn.execute(insert(MetaRow.__table__), [
                     {"key": "schema_version", "value": str(self.schema_version)},
@@ -224,7 +225,6 @@ class Store:
                     f"{self.path} was written by a newer xmr (schema {version} > {self.schema_version}); upgrade xmr"
                 )
             if version == self.schema_version:
-                have = set(inspect(conn).get_table_names(schema=self.location.schema))
                 missing = sorted(set(Base.metadata.tables) - have)
                 if missing:
                     raise StoreError(f"{self.path}: the table{'s' if len(missing) > 1 else ''} "

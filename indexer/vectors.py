@@ -116,7 +116,7 @@ def spec_still_fits(spec: IndexSpec, n_vectors: int, exact_limit: int = EXACT_LI
     """
     if spec.factory == "IDMap2,Flat":
         return n_vectors <= exact_limit * 1.25
-    if spec.factory.startswith("OPQ"):
+    if spec.codes == "PQ":
         ideal = min(max(math.sqrt(max(n_vectors, 1)), 64), 65536)
         return n_vectors > pq_limit * 0.75 and ideal / 2 <= spec.nlist <= ideal * 2
     if spec.factory.startswith("IVF"):

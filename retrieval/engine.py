@@ -202,19 +202,16 @@ class Engine:
         if database is None:
             database = os.environ.get(DATABASE_ENV) or None
         try:
-            where = locate(index_dir, database, create=False)
-            if where is None:
-                if not create:
-                    raise IndexNotFound(f"no index in {index_dir}; create one with: "
-                                        f"xmr --index {index_dir} index FOLDER")
-                try:
-                    index_dir.mkdir(parents=True, exist_ok=True)
-                except OSError as exc:
-                    raise IndexUnusable(f"cannot create the index folder {index_dir} ({exc.strerror or exc}); "
-                                        "choose another with --index DIR or XMR_INDEX") from None
-                where = locate(index_dir, database, create=True)
+            where = locate(index_dir, database, create=create)
         except DatabaseChoiceError as exc:
             raise IndexUnusable(str(exc)) from None
+        if where is None:
+            raise IndexNotFound(f"no index in {index_dir}; create one with: xmr --index {index_dir} index FOLDER")
+        try:
+            index_dir.mkdir(parents=True, exist_ok=True)  # a new index's folder (an existing one: nothing to do)
+        except OSError as exc:
+            raise IndexUnusable(f"cannot create the index folder {index_dir} ({exc.strerror or exc}); "
+                                "choose another with --index DIR or XMR_INDEX") from None
         store = _open_store(where)
         if where.schema and read_record(index_dir) is None:  # a new PostgreSQL index: the folder records it
             store = _remember(index_dir, store)

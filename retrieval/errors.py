@@ -17,7 +17,7 @@ class IndexUnusable(XmrError):
 
 
 def database_error_detail(exc: Exception) -> str:
-    """SQLite's own words in an SQLAlchemy DatabaseError ("file is not a database")."""
+    """The database's own words in an SQLAlchemy DatabaseError ("file is not a database")."""
     orig = getattr(exc, "orig", None)
     return str(orig) if orig is not None else str(exc).splitlines()[0]
 
