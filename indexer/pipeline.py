@@ -4,9 +4,12 @@ file once on worker threads or processes (hash; decode unless it is a move)
 
 The embedding model is handed in as ``embed(list_of_prepared) -> (vectors,
 tokens_or_None)`` with ``prepare(PIL image) -> model input``; this package
-knows nothing of models. Worker processes (``processes > 0``) get past the
-interpreter lock on many-core machines feeding a GPU; they need ``prepare``
-to be picklable (a module-level function or a ``functools.partial`` of one).
+knows nothing of models. Where the listing, reading and embedding run is a
+*runner*'s business: :class:`LocalRunner` (threads, or worker processes that
+get past the interpreter lock on many-core machines feeding a GPU) or
+``ray_runner.RayRunner`` (a Ray cluster). The run's decisions (what changed,
+what moved, which id a new image gets) and every write stay here, in this
+process, in the scan's order, whatever the runner.
 """
 
 from __future__ import annotations
@@ -18,9 +21,12 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol, Union
+
+import numpy as np
 
 from .decode import MAX_FILE_BYTES, BadImage, decode_image
 from .spool import Spool
@@ -44,6 +50,7 @@ class IndexSummary:
     # folder is missing, empty or unreadable (an unmounted drive, a folder
     # without permission): folder -> images. ``prune`` removes them instead.
     offline: Counter = field(default_factory=Counter)
+    runner: str = "this process"  # where files were read and embedded
 
     @property
     def embedded(self) -> int:
@@ -53,7 +60,7 @@ class IndexSummary:
         return {
             "added": self.added, "updated": self.updated, "moved": self.moved, "unchanged": self.unchanged,
             "removed": self.removed, "skipped": dict(self.skipped), "offline": sum(self.offline.values()),
-            "offline_folders": dict(self.offline), "seconds": round(self.seconds, 3),
+            "offline_folders": dict(self.offline), "seconds": round(self.seconds, 3), "runner": self.runner,
         }
 
 
@@ -77,19 +84,92 @@ class _Work:
     replaces: int | None  # id of the row at the same path, if any
 
 
+@dataclass
+class Embedded:
+    """An image already embedded where it was read (a Ray encoder actor)."""
+    vector: np.ndarray
+    tokens: np.ndarray | None
+    width: int
+    height: int
+
+
+# What a runner makes of one changed file: BadImage, or (sha256, None) when it
+# was not decoded (unchanged content or a move), or (sha256, (prepared, width,
+# height)), or (sha256, Embedded).
+Examined = Union[BadImage, tuple]
+Changed = tuple  # (FoundFile, stored state (id, size, mtime_ns, sha256) or None)
+
+
+class Runner(Protocol):
+    """Where an indexing run lists folders and reads, decodes (and maybe
+    embeds) the changed files. Each yields in the order given."""
+
+    description: str  # in words, for the run's summary
+
+    def listing(self, roots: list[str]) -> Iterable[FoundFile | SkippedFile]:
+        ...
+
+    def examined(self, batches: Iterator[list[Changed]],
+                 gone_hashes: frozenset[str]) -> Iterator[tuple[list[Changed], list[Examined]]]:
+        ...
+
+
+class LocalRunner:
+    """Lists in this process and reads each changed file on a worker thread
+    (or, with ``processes``, in worker processes: ``prepare`` must then be
+    picklable, a module-level function or a ``functools.partial`` of one),
+    one batch ahead of the model."""
+
+    def __init__(self, prepare: Callable, draft_size: int | None = None, threads: int | None = None,
+                 processes: int = 0):
+        self.prepare = prepare
+        self.draft_size = draft_size
+        self.threads = threads or min(8, (os.cpu_count() or 2) * 2)
+        self.processes = processes
+        self.description = (f"this process, {processes} decoding process{'es' if processes != 1 else ''}" if processes
+                            else "this process")
+
+    def listing(self, roots: list[str]) -> Iterable[FoundFile | SkippedFile]:
+        return scan(roots)
+
+    def examined(self, batches, gone_hashes):
+        with self._pool(gone_hashes) as pool:
+            if self.processes:
+                def submit(f, st):
+                    return pool.submit(_examine_in_worker, f, st, self.draft_size, self.prepare)
+            else:
+                def submit(f, st):
+                    return pool.submit(examine, f, st, gone_hashes, self.draft_size, self.prepare)
+            batch = next(batches, None)
+            pending = [submit(f, st) for f, st in batch] if batch else []
+            while batch is not None:
+                results = [f.result() for f in pending]
+                following = next(batches, None)
+                if following is not None:  # decode one batch ahead of the model
+                    pending = [submit(f, st) for f, st in following]
+                yield batch, results
+                batch = following
+
+    def _pool(self, gone_hashes: frozenset):
+        if not self.processes:
+            return ThreadPoolExecutor(self.threads)
+        # spawn, not fork: the parent runs model threads that a fork would copy mid-flight
+        return ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_worker, initargs=(gone_hashes,))
+
+
 class Indexer:
     def __init__(self, store: Store, prepare: Callable, embed: Callable, batch_size: int = 64,
                  threads: int | None = None, draft_size: int | None = None, tokens: TokenStore | None = None,
-                 bias: Callable | None = None, processes: int = 0):
+                 bias: Callable | None = None, processes: int = 0, runner: Runner | None = None):
         self.store = store
         self.bias = bias  # vectors -> per-item score bias stored with each row, if the model has one
         self.tokens = tokens
         self.prepare = prepare
         self.embed = embed
         self.batch_size = batch_size
-        self.threads = threads or min(8, (os.cpu_count() or 2) * 2)
-        self.processes = processes
         self.draft_size = draft_size
+        self.runner = runner or LocalRunner(prepare, draft_size, threads, processes)
 
     def run(self, roots: Iterable[str], on_skip: Callable[[str, str], None] | None = None,
             progress: Callable[[int], None] | None = None, on_total: Callable[[int], None] | None = None,
@@ -100,7 +180,7 @@ class Indexer:
         ``prune``. Files at ``force`` paths are embedded again even when
         unchanged (their region tokens were damaged)."""
         t0 = time.time()
-        summary = IndexSummary()
+        summary = IndexSummary(runner=self.runner.description)
         roots = normalise_roots(roots)
 
         def skip(path: str, reason: str) -> None:
@@ -133,7 +213,7 @@ class Indexer:
         # folders holding image files now (listed or not), and folders that could not be listed
         seen_dirs: set[str] = set()
         unlisted: set[str] = set()
-        for item in scan(roots):
+        for item in self.runner.listing(roots):
             if isinstance(item, SkippedFile):
                 skip(item.path, item.reason)
                 if item.folder:
@@ -164,73 +244,45 @@ class Indexer:
                 if not prune and path not in root_set and (folder not in seen_dirs or lies_below(path, unlisted)):
                     offline[image_id] = folder
 
-        # Each changed file is read once, on a worker thread: hashed, and
-        # decoded from the same bytes unless its hash shows it is unchanged
-        # content (touched) or a vanished image's (a move: no model work).
+        # Each changed file is read once by the runner: hashed, and decoded
+        # from the same bytes unless its hash shows it is unchanged content
+        # (touched) or a vanished image's (a move: no model work).
         if on_total:
             on_total(len(changed))
         reused: set[int] = set()
         moved_count = 0
-        batches = changed.batches(self.batch_size)
-        gone_hashes = frozenset(gone_by_hash)
-        with self._pool(gone_hashes) as pool:
-            if self.processes:
-                def submit(f, st):
-                    return pool.submit(_examine_in_worker, f, st, self.draft_size, self.prepare)
-            else:
-                def submit(f, st):
-                    return pool.submit(examine, f, st, gone_hashes, self.draft_size, self.prepare)
-            batch = next(batches, None)
-            pending = [submit(f, st) for f, st in batch] if batch else []
-            while batch is not None:
-                results = [f.result() for f in pending]
-                following = next(batches, None)
-                if following is not None:  # decode one batch ahead of the model
-                    pending = [submit(f, st) for f, st in following]
-                moved, touched, ok = [], [], []
-                for (f, state), r in zip(batch, results):
-                    if isinstance(r, BadImage):
-                        skip(f.path, r.reason)
+        for batch, results in self.runner.examined(changed.batches(self.batch_size), frozenset(gone_by_hash)):
+            moved, touched, ok = [], [], []
+            for (f, state), r in zip(batch, results):
+                if isinstance(r, BadImage):
+                    skip(f.path, r.reason)
+                    continue
+                sha, decoded = r
+                if state and state[3] == sha:
+                    touched.append((state[0], f.size, f.mtime_ns))
+                    continue
+                donors = [i for i in gone_by_hash.get(sha, []) if i not in reused]
+                if donors and not state:
+                    reused.add(donors[0])
+                    moved.append((donors[0], f.path, f.size, f.mtime_ns))
+                    continue
+                if decoded is None:  # its donor went to an identical file earlier in the run
+                    decoded = decode(f.path, None, self.draft_size, self.prepare)
+                    if isinstance(decoded, BadImage):
+                        skip(f.path, decoded.reason)
                         continue
-                    sha, decoded = r
-                    if state and state[3] == sha:
-                        touched.append((state[0], f.size, f.mtime_ns))
-                        continue
-                    donors = [i for i in gone_by_hash.get(sha, []) if i not in reused]
-                    if donors and not state:
-                        reused.add(donors[0])
-                        moved.append((donors[0], f.path, f.size, f.mtime_ns))
-                        continue
-                    if decoded is None:  # its donor went to an identical file earlier in the run
-                        decoded = decode(f.path, None, self.draft_size, self.prepare)
-                        if isinstance(decoded, BadImage):
-                            skip(f.path, decoded.reason)
-                            continue
-                    ok.append((_Work(f, sha, state[0] if state else None), decoded))
-                rows = []
-                if ok:
-                    vectors, tokens = self.embed([d[0] for _, d in ok])
-                    # tokens reach disk before the rows that point at them
-                    slots = self.tokens.append(tokens) if tokens is not None and self.tokens else None
-                    biases = self.bias(vectors) if self.bias is not None else None
-                    for j, (w, (_, width, height)) in enumerate(ok):
-                        rows.append({
-                            "path": w.found.path, "size": w.found.size, "mtime_ns": w.found.mtime_ns,
-                            "sha256": w.sha256, "width": width, "height": height,
-                            "embedding": vectors[j], "token_slot": None if slots is None else slots[j],
-                            "bias": None if biases is None else float(biases[j]),
-                        })
-                if rows or moved or touched:
-                    self.store.write_images(rows, moved, touched, [])
-                moved_count += len(moved)
-                for w, _ in ok:
-                    if w.replaces is None:
-                        summary.added += 1
-                    else:
-                        summary.updated += 1
-                if progress:
-                    progress(len(batch))
-                batch = following
+                ok.append((_Work(f, sha, state[0] if state else None), decoded))
+            rows = self._rows(ok)
+            if rows or moved or touched:
+                self.store.write_images(rows, moved, touched, [])
+            moved_count += len(moved)
+            for w, _ in ok:
+                if w.replaces is None:
+                    summary.added += 1
+                else:
+                    summary.updated += 1
+            if progress:
+                progress(len(batch))
         removed = [i for i in gone if i not in reused and i not in offline]
         if removed:
             self.store.write_images([], [], [], removed)
@@ -239,12 +291,32 @@ class Indexer:
         summary.seconds = time.time() - t0
         return summary
 
-    def _pool(self, gone_hashes: frozenset):
-        if not self.processes:
-            return ThreadPoolExecutor(self.threads)
-        # spawn, not fork: the parent runs model threads that a fork would copy mid-flight
-        return ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init_worker, initargs=(gone_hashes,))
+    def _rows(self, ok: list[tuple[_Work, object]]) -> list[dict]:
+        """Store rows of a batch's new and changed images, embedding those the
+        runner only decoded; their region tokens reach disk first."""
+        if not ok:
+            return []
+        todo = [j for j, (_, d) in enumerate(ok) if not isinstance(d, Embedded)]
+        vectors: list = [None] * len(ok)
+        tokens: list = [None] * len(ok)
+        sizes = [(d.width, d.height) if isinstance(d, Embedded) else (d[1], d[2]) for _, d in ok]
+        for j, (_, d) in enumerate(ok):
+            if isinstance(d, Embedded):
+                vectors[j], tokens[j] = d.vector, d.tokens
+        if todo:
+            vecs, toks = self.embed([ok[j][1][0] for j in todo])
+            for n, j in enumerate(todo):
+                vectors[j], tokens[j] = vecs[n], None if toks is None else toks[n]
+        vectors = np.stack(vectors).astype(np.float32, copy=False)
+        with_tokens = self.tokens is not None and all(t is not None for t in tokens)
+        slots = self.tokens.append(np.stack(tokens)) if with_tokens else None
+        biases = self.bias(vectors) if self.bias is not None else None
+        return [{
+            "path": w.found.path, "size": w.found.size, "mtime_ns": w.found.mtime_ns,
+            "sha256": w.sha256, "width": width, "height": height,
+            "embedding": vectors[j], "token_slot": None if slots is None else slots[j],
+            "bias": None if biases is None else float(biases[j]),
+        } for j, ((w, _), (width, height)) in enumerate(zip(ok, sizes))]
 
 
 def examine(f: FoundFile, state, gone_hashes, draft_size: int | None, prepare: Callable):

@@ -85,8 +85,10 @@ def build_sharded(spec: IndexSpec, dim: int, sample: np.ndarray, shards: Sequenc
                   out: str | os.PathLike, parallel_map: Callable[[Callable, Iterable], list] | None = None,
                   work_dir: str | os.PathLike | None = None) -> ShardedBuild:
     """Train ``spec`` on ``sample``, fill every shard (through
-    ``parallel_map``, default: two threads), merge the shards on disk into
-    ``out`` (and ``out.ivfdata``), and delete the shard files."""
+    ``parallel_map``, default: two threads; ``ray_runner.ray_map()`` runs
+    them as Ray tasks, with ``work_dir`` on storage every node shares), merge
+    the shards on disk into ``out`` (and ``out.ivfdata``), and delete the
+    shard files."""
     import faiss
     from faiss.contrib.ondisk import merge_ondisk
 

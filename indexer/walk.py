@@ -96,14 +96,15 @@ def normalise_roots(roots: Iterable[str | os.PathLike]) -> list[str]:
     return outermost((os.path.abspath(os.fspath(r)) for r in roots), os.path.isdir)
 
 
-def scan(roots: Iterable[str | os.PathLike]) -> Iterator[FoundFile | SkippedFile]:
+def scan(roots: Iterable[str | os.PathLike], recursive: bool = True) -> Iterator[FoundFile | SkippedFile]:
     """Yield every image-named file below ``roots`` (files may be given directly).
 
     Directory symlinks are not followed (no loops, no escaping the folder);
     file symlinks are followed. Each path is yielded once, and nothing of the
     size of the collection is held in memory. A folder that cannot be listed
     (no permission, a failing disk) is yielded as a :class:`SkippedFile` with
-    ``folder=True``: its files are unknown, not gone.
+    ``folder=True``: its files are unknown, not gone. With ``recursive``
+    False, only the files directly in each root folder.
     """
     for root in normalise_roots(roots):
         if os.path.isfile(root) or os.path.islink(root) and not os.path.isdir(root):
@@ -117,6 +118,8 @@ def scan(roots: Iterable[str | os.PathLike]) -> Iterator[FoundFile | SkippedFile
             while unlistable:
                 yield _unlisted(unlistable.pop(), dirpath)
             dirnames.sort()
+            if not recursive:
+                dirnames.clear()
             for name in sorted(filenames):
                 if is_image_name(name):
                     yield stat_file(os.path.join(dirpath, name))
@@ -124,3 +127,30 @@ def scan(roots: Iterable[str | os.PathLike]) -> Iterator[FoundFile | SkippedFile
                     yield SkippedFile(os.path.join(dirpath, name), f"unsupported format ({kind})")
         while unlistable:  # the root itself, or the last folder walked
             yield _unlisted(unlistable.pop(), root)
+
+
+@dataclass(frozen=True)
+class ScanUnit:
+    """A part of a scan that can run on its own (another process or machine)."""
+    path: str
+    recursive: bool
+
+
+def scan_units(roots: Iterable[str | os.PathLike]) -> list[ScanUnit]:
+    """Split the scan of ``roots`` into units, each a root folder's own files
+    or one of its subfolders' trees, such that scanning the units one after
+    the other yields exactly what :func:`scan` yields, in the same order.
+    Lists only the top level of each root."""
+    units = []
+    for root in normalise_roots(roots):
+        try:
+            if not os.path.isdir(root) or os.path.islink(root):
+                raise NotADirectoryError(root)
+            with os.scandir(root) as entries:
+                subfolders = sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
+        except OSError:  # a file, missing or unlistable: one unit that scan() reports as it would
+            units.append(ScanUnit(root, True))
+            continue
+        units.append(ScanUnit(root, False))
+        units.extend(ScanUnit(os.path.join(root, name), True) for name in subfolders)
+    return units

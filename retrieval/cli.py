@@ -125,19 +125,36 @@ def _print_images(hits, engine, under: str | None = None) -> None:
 @click.option("--threads", type=int, default=None, help="Decoding threads (default: 2 per core, at most 8).")
 @click.option("--processes", type=click.IntRange(0, 256), default=0, show_default=True,
               help="Decode in this many worker processes instead of threads (many-core machines feeding a GPU).")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="List, decode and embed on a Ray cluster (needs the ray extra); this process writes the index.")
+@click.option("--ray-address", default=None, metavar="ADDRESS",
+              help="The Ray cluster to join (HOST:PORT or ray://HOST:10001), or 'local' for a Ray runtime of "
+                   "this machine alone [default: RAY_ADDRESS, else the cluster `ray start` started here, else "
+                   "local]. Implies --ray.")
+@click.option("--ray-encoders", type=click.IntRange(1, 4096), default=None,
+              help="Encoder actors on Ray [default: one per GPU, else one per 4 CPUs].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no per-file skip messages.")
 @click.option("--prune", is_flag=True,
               help="Also remove images whose whole folder is missing, empty or unreadable (kept as offline "
                    "otherwise: an unmounted drive or share keeps its images).")
 @click.pass_context
-def index(ctx, paths, model, batch_size, threads, processes, quiet, prune):
+def index(ctx, paths, model, batch_size, threads, processes, use_ray, ray_address, ray_encoders, quiet, prune):
     """Index image files and folders (recursively; incremental).
 
     A file deleted from a folder leaves the index. A folder that is missing,
     empty or unreadable as a whole (an unmounted drive, a network share, no
-    permission) keeps its images, reported as offline; --prune removes them."""
+    permission) keeps its images, reported as offline; --prune removes them.
+
+    With --ray, Ray tasks list the folders and read and decode the files, and
+    encoder actors embed them (one per GPU where the cluster has GPUs); the
+    folders and the model must be at the same paths on every node."""
     import time
 
+    ray = None
+    if use_ray or ray_address or ray_encoders:
+        from indexer.ray_runner import RayOptions
+
+        ray = RayOptions(address=ray_address, encoders=ray_encoders, batch_size=batch_size)
     engine = _open(ctx, model=model, create=True)
     bar = None
     state = {"t0": time.time(), "done": 0}
@@ -161,7 +178,7 @@ def index(ctx, paths, model, batch_size, threads, processes, quiet, prune):
 
     try:
         summary = engine.index(paths, on_skip=on_skip, progress=progress, on_total=on_total,
-                               batch_size=batch_size, threads=threads, processes=processes, prune=prune)
+                               batch_size=batch_size, threads=threads, processes=processes, prune=prune, ray=ray)
     except KeyboardInterrupt:
         if bar:
             bar.close()
@@ -183,6 +200,8 @@ def index(ctx, paths, model, batch_size, threads, processes, quiet, prune):
                    "reconnect it and index again, or remove them with: xmr index --prune "
                    + " ".join(_shown(p) for p in paths), err=True)
     speed = f"{rate:.1f} images/s embedded" if summary.embedded else "nothing to embed"
+    if ray is not None:
+        speed += f" on a {summary.runner}"
     click.echo(f"{engine.store.count_images()} images in {engine.index_dir} ({speed}, {summary.seconds:.1f} s)")
 
 

@@ -20,6 +20,7 @@ from indexer.database import SQLITE_FILE, DatabaseChoiceError, Location, drop_sc
 from indexer.decode import BadImage, decode_image
 from indexer.lock import AdvisoryLock, IndexLock, ReadWriteLock
 from indexer.pipeline import Indexer, IndexSummary
+from indexer.ray_runner import RayOptions
 from indexer.store import TOKEN_FILE_KEY, Store, StoreError
 from indexer.tokens import DEFAULT_FILE as TOKENS_DEFAULT_FILE
 from indexer.tokens import TokenShapeMismatch, TokenStore, TokenStoreDamaged
@@ -32,6 +33,7 @@ from .encoders import DEFAULT_MODEL, DualEncoder, create_encoder
 from .encoders.querybank import augment_items, augment_queries
 from .errors import (
     CaptionFileError,
+    ClusterUnavailable,
     ImageUnusable,
     IndexNeedsUpgrade,
     IndexNotFound,
@@ -390,10 +392,13 @@ class Engine:
     # -- indexing ---------------------------------------------------------------
     def index(self, paths, on_skip: Callable | None = None, progress: Callable | None = None,
               on_total: Callable | None = None, batch_size: int = 32, threads: int | None = None,
-              processes: int = 0, prune: bool = False) -> IndexSummary:
+              processes: int = 0, prune: bool = False, ray: RayOptions | None = None) -> IndexSummary:
         """Bring the index up to date with ``paths``. ``processes > 0`` decodes
         in that many worker processes instead of threads (many cores feeding a
         GPU); models whose preprocessing cannot leave the process use threads.
+        ``ray`` lists, decodes and embeds on a Ray cluster instead
+        (:mod:`indexer.ray_runner`); this process still makes every decision
+        and every write, so the index is the one the other paths build.
         Images whose whole folder is missing, empty or unreadable are kept
         (``summary.offline``) unless ``prune``. A path that does not exist and
         holds no indexed image is refused (:class:`PathNotFound`): a typo.
@@ -404,7 +409,8 @@ class Engine:
                 raise PathNotFound(f"{root}: no such file or folder, and nothing indexed there")
         enc = self.encoder
         prepare = enc.prepare
-        if processes:
+        runner = self._ray_runner(ray) if ray is not None else None
+        if processes and runner is None:
             prepare = enc.portable_prepare
             if prepare is None:
                 log.warning("%s decodes on threads: its preprocessing cannot run in worker processes", enc.name)
@@ -413,13 +419,24 @@ class Engine:
             indexer = Indexer(self.store, prepare, enc.encode_images_with_tokens, batch_size=batch_size,
                               threads=threads, draft_size=enc.input_size, tokens=self.tokens,
                               bias=self.querybank.image_bias if self.querybank is not None else None,
-                              processes=processes)
+                              processes=processes, runner=runner)
             damaged = self._damaged_token_paths(roots)
             summary = indexer.run(roots, on_skip=on_skip, progress=progress, on_total=on_total, prune=prune,
                                   force=damaged)
             self._index("images")
             self._compact_tokens()
         return summary
+
+    def _ray_runner(self, options: RayOptions):
+        from indexer.ray_runner import RayRunner, RayUnavailable  # imports ray only when it starts
+
+        enc = self.encoder
+        if enc.portable_factory is None or enc.portable_prepare is None:
+            raise ClusterUnavailable(f"{enc.name} cannot be rebuilt on Ray workers; index without --ray")
+        try:
+            return RayRunner(enc.portable_factory, enc.portable_prepare, enc.input_size, options)
+        except RayUnavailable as exc:
+            raise ClusterUnavailable(str(exc)) from None
 
     def _damaged_token_paths(self, roots: list[str]) -> set[str]:
         """Paths of the images whose region tokens are missing from the token

@@ -16,6 +16,11 @@ class IndexUnusable(XmrError):
     """The index folder or its database cannot be created or read."""
 
 
+class ClusterUnavailable(XmrError):
+    """Indexing on a Ray cluster was asked for, and Ray or the cluster is missing,
+    or the model cannot be rebuilt on the cluster's workers."""
+
+
 def database_error_detail(exc: Exception) -> str:
     """The database's own words in an SQLAlchemy DatabaseError ("file is not a database")."""
     orig = getattr(exc, "orig", None)

@@ -31,6 +31,10 @@ class FakeEncoder(DualEncoder):
     def portable_prepare(self):
         return fake_prepare
 
+    @property
+    def portable_factory(self):
+        return type(self)
+
     def _color_vec(self, rgb) -> np.ndarray:
         v = np.zeros(self.dim, np.float32)
         v[:3] = rgb

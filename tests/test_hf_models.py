@@ -102,6 +102,26 @@ def test_hf_clip_by_local_path(tmp_path, tiny_clip, photos):
     assert eng.encoder.name == f"hf:{tiny_clip}"
 
 
+@pytest.mark.sqlite_only
+def test_hf_clip_travels_to_other_processes(tiny_clip, photos):
+    """What Ray workers and decoding processes get: a pickled preprocessing
+    function and a pickled recipe that rebuilds the same model."""
+    import pickle
+
+    from PIL import Image
+
+    from retrieval.encoders import create_encoder
+
+    enc = create_encoder(str(tiny_clip))
+    image = Image.open(photos / "red.jpg").convert("RGB")
+    prepare = pickle.loads(pickle.dumps(enc.portable_prepare))
+    np.testing.assert_array_equal(prepare(image), enc.prepare(image))
+    rebuilt = pickle.loads(pickle.dumps(enc.portable_factory))()
+    assert (rebuilt.name, rebuilt.version) == (enc.name, enc.version)
+    np.testing.assert_allclose(rebuilt.encode_images([prepare(image)]), enc.encode_images([enc.prepare(image)]),
+                               atol=1e-6)
+
+
 def test_blip_reranker_by_local_path(tmp_path, tiny_clip, tiny_blip, photos):
     eng = Engine.open(tmp_path / "index", model=str(tiny_clip), reranker=str(tiny_blip))
     eng.index([photos])

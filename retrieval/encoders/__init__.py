@@ -65,15 +65,18 @@ def resolve_model(name: str) -> tuple[str, str]:
     )
 
 
-def create_encoder(name: str = DEFAULT_MODEL, device: str | None = None) -> DualEncoder:
+def create_encoder(name: str = DEFAULT_MODEL, device: str | None = None, backend: str | None = None) -> DualEncoder:
+    """The encoder ``name`` names; ``backend`` picks an xmr model's CPU image
+    path (default: XMR_BACKEND, else auto)."""
     kind, location = resolve_model(name)
     if kind in ("xmr", "xmr-variant"):
         from .xmr import XmrEncoder
 
         if kind == "xmr-variant":
             path, settings = builtin_variants()[name]
-            return XmrEncoder.from_checkpoint(str(path), name=name, device=device, overrides=settings)
-        return XmrEncoder.from_checkpoint(location, name=name, device=device)
+            return XmrEncoder.from_checkpoint(str(path), name=name, device=device, overrides=settings,
+                                              backend=backend)
+        return XmrEncoder.from_checkpoint(location, name=name, device=device, backend=backend)
     from .hf_clip import HFClipEncoder
 
     return HFClipEncoder(location, device=device)

@@ -72,6 +72,13 @@ class DualEncoder(ABC):
         processes; None where it needs the live encoder (threads then)."""
         return None
 
+    @property
+    def portable_factory(self):
+        """A picklable callable that builds this same model in another process
+        or on another machine (Ray encoder actors; the model's files must be
+        there too); None where it cannot be rebuilt from its name."""
+        return None
+
     @abstractmethod
     def _embed_images(self, prepared: list) -> np.ndarray:
         ...

@@ -3,6 +3,7 @@ by hub name or local folder."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import threading
@@ -44,7 +45,17 @@ class HFClipEncoder(DualEncoder):
             self.dim = int(self._embed_texts(["probe"]).shape[1])
 
     def prepare(self, image: Image.Image) -> np.ndarray:
-        return self.processor.image_processor(images=image, return_tensors="np")["pixel_values"][0]
+        return _pixels(self.processor.image_processor, image)
+
+    @property
+    def portable_prepare(self):
+        return functools.partial(_pixels, self.processor.image_processor)
+
+    @property
+    def portable_factory(self):
+        from . import create_encoder
+
+        return functools.partial(create_encoder, self.name)
 
     @staticmethod
     def _as_tensor(out):
@@ -74,3 +85,8 @@ class HFClipEncoder(DualEncoder):
                 return self._as_tensor(self.model.get_text_features(**enc)).float().cpu().numpy()
 
         return embed_by_length(texts, text_batch_size(self.device), embed)
+
+
+def _pixels(image_processor, image: Image.Image) -> np.ndarray:
+    """The model's input for one image (a module-level function, so that worker processes can run it)."""
+    return image_processor(images=image, return_tensors="np")["pixel_values"][0]

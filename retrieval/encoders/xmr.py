@@ -52,6 +52,7 @@ class XmrEncoder(DualEncoder):
         # checkpoint ships a current one, else onnx when onnxruntime is
         # installed, else torch. Env XMR_BACKEND overrides. On a GPU: torch.
         self.backend = backend or os.environ.get("XMR_BACKEND", "auto")
+        self.backend_setting = self.backend  # as asked for; ``backend`` settles on what runs
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose {', '.join(BACKENDS)}")
         self.checkpoint_dir = checkpoint_dir
@@ -152,6 +153,12 @@ class XmrEncoder(DualEncoder):
     @property
     def portable_prepare(self):
         return functools.partial(squash_resize, size=self.input_size)
+
+    @property
+    def portable_factory(self):
+        from . import create_encoder
+
+        return functools.partial(create_encoder, self.name, backend=self.backend_setting)
 
     @property
     def tokenizer(self):
