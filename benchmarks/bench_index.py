@@ -60,7 +60,7 @@ def measure(files: list[Path], model: str | None, device: str = "cpu", repeat: i
         engine = Engine.open(Path(tmp) / "index", model=model, device=device, reranker="auto")
         n = len(files) * repeat
         t0 = time.perf_counter()
-        ray = RayOptions(address=ray_address, batch_size=batch_size) if ray_address else None
+        ray = RayOptions(address=ray_address) if ray_address else None
         summary = engine.index([src], batch_size=batch_size, processes=processes, ray=ray)
         seconds = time.perf_counter() - t0
         # encoder-only ceiling on the same kind of batches

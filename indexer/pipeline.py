@@ -23,6 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Protocol, Union
 
@@ -250,8 +251,25 @@ class Indexer:
         if on_total:
             on_total(len(changed))
         reused: set[int] = set()
-        moved_count = 0
-        for batch, results in self.runner.examined(changed.batches(self.batch_size), frozenset(gone_by_hash)):
+        # closed on the way out, an exception or Ctrl-C included, so that the
+        # runner's workers stop now rather than when the traceback is freed
+        examined = closing(self.runner.examined(changed.batches(self.batch_size), frozenset(gone_by_hash)))
+        with examined as results_by_batch:
+            self._write_all(results_by_batch, gone_by_hash, reused, skip, summary, progress)
+        removed = [i for i in gone if i not in reused and i not in offline]
+        if removed:
+            self.store.write_images([], [], [], removed)
+        summary.removed = len(removed)
+        summary.offline.update(folder for i, folder in offline.items() if i not in reused)
+        summary.seconds = time.time() - t0
+        return summary
+
+
+    def _write_all(self, results_by_batch, gone_by_hash: dict[str, list[int]], reused: set[int], skip,
+                   summary: IndexSummary, progress) -> None:
+        """Classify each batch's files (unchanged content, moved, new or
+        changed, bad) and write the batch in one transaction."""
+        for batch, results in results_by_batch:
             moved, touched, ok = [], [], []
             for (f, state), r in zip(batch, results):
                 if isinstance(r, BadImage):
@@ -275,7 +293,7 @@ class Indexer:
             rows = self._rows(ok)
             if rows or moved or touched:
                 self.store.write_images(rows, moved, touched, [])
-            moved_count += len(moved)
+            summary.moved += len(moved)
             for w, _ in ok:
                 if w.replaces is None:
                     summary.added += 1
@@ -283,13 +301,6 @@ class Indexer:
                     summary.updated += 1
             if progress:
                 progress(len(batch))
-        removed = [i for i in gone if i not in reused and i not in offline]
-        if removed:
-            self.store.write_images([], [], [], removed)
-        summary.moved, summary.removed = moved_count, len(removed)
-        summary.offline.update(folder for i, folder in offline.items() if i not in reused)
-        summary.seconds = time.time() - t0
-        return summary
 
     def _rows(self, ok: list[tuple[_Work, object]]) -> list[dict]:
         """Store rows of a batch's new and changed images, embedding those the

@@ -121,7 +121,8 @@ def _print_images(hits, engine, under: str | None = None) -> None:
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--model", default=None,
               help="Encoder for a new index: xmr-lite2-open (default), xmr-lite2, a Hugging Face CLIP/SigLIP name or folder.")
-@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1, 65536), default=32, show_default=True,
+              help="Images written to the index in one transaction (and, without --ray, embedded at a time).")
 @click.option("--threads", type=int, default=None, help="Decoding threads (default: 2 per core, at most 8).")
 @click.option("--processes", type=click.IntRange(0, 256), default=0, show_default=True,
               help="Decode in this many worker processes instead of threads (many-core machines feeding a GPU).")
@@ -133,12 +134,15 @@ def _print_images(hits, engine, under: str | None = None) -> None:
                    "local]. Implies --ray.")
 @click.option("--ray-encoders", type=click.IntRange(1, 4096), default=None,
               help="Encoder actors on Ray [default: one per GPU, else one per 4 CPUs].")
+@click.option("--ray-batch-size", type=click.IntRange(1, 65536), default=128, show_default=True,
+              help="Images a Ray decoding task or encoder call takes at a time.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no per-file skip messages.")
 @click.option("--prune", is_flag=True,
               help="Also remove images whose whole folder is missing, empty or unreadable (kept as offline "
                    "otherwise: an unmounted drive or share keeps its images).")
 @click.pass_context
-def index(ctx, paths, model, batch_size, threads, processes, use_ray, ray_address, ray_encoders, quiet, prune):
+def index(ctx, paths, model, batch_size, threads, processes, use_ray, ray_address, ray_encoders, ray_batch_size,
+          quiet, prune):
     """Index image files and folders (recursively; incremental).
 
     A file deleted from a folder leaves the index. A folder that is missing,
@@ -154,7 +158,7 @@ def index(ctx, paths, model, batch_size, threads, processes, use_ray, ray_addres
     if use_ray or ray_address or ray_encoders:
         from indexer.ray_runner import RayOptions
 
-        ray = RayOptions(address=ray_address, encoders=ray_encoders, batch_size=batch_size)
+        ray = RayOptions(address=ray_address, encoders=ray_encoders, batch_size=ray_batch_size)
     engine = _open(ctx, model=model, create=True)
     bar = None
     state = {"t0": time.time(), "done": 0}

@@ -62,10 +62,11 @@ def reference(photos, tmp_path_factory):
     return build
 
 
-def xmr_index(idx: Path, photos: Path, model: str, *ray_args: str, env: dict | None = None, **popen):
+def xmr_index(idx: Path, photos: Path, model: str, *ray_args: str, env: dict | None = None, database: str = "",
+              **popen):
     cmd = [sys.executable, "-m", "retrieval.cli", "--index", str(idx), "index", "-q", "--model", model,
            *ray_args, str(photos)]
-    env = {**(env or os.environ), "XMR_DATABASE": ""}
+    env = {**(env or os.environ), "XMR_DATABASE": database}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
@@ -125,6 +126,17 @@ def test_local_ray_runtime_builds_the_same_index(photos, reference, tmp_path, ra
     assert "added 0, updated 0, moved 0, removed 0, unchanged 200" in out
 
 
+def test_ray_writing_to_postgresql_builds_the_same_index(photos, reference, tmp_path, ray_tmp, postgres_url):
+    """The cluster's usual partner: rows in PostgreSQL, written by the one process."""
+    idx = tmp_path / "index"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = ray_tmp
+    out = finish(xmr_index(idx, photos, "xmr-lite2-open", "--ray-address", "local", env=env, database=postgres_url))
+    assert "added 200" in out
+    assert (idx / "database.json").exists() and not (idx / "xmr.db").exists()
+    assert_same_index(reference("xmr-lite2-open"), idx)
+
+
 @pytest.fixture(scope="module")
 def cluster():
     if ray_command() is None:
@@ -174,7 +186,7 @@ def test_killed_encoder_actor_loses_nothing(photos, reference, cluster, tmp_path
     with region tokens (xmr-lite2 has a reranker)."""
     idx = tmp_path / "index"
     proc = xmr_index(idx, photos, "xmr-lite2", "--ray-address", cluster.address, "--batch-size", "8",
-                     env=cluster.env)
+                     "--ray-batch-size", "16", env=cluster.env)
     killed = None
     deadline = time.time() + 300
     while killed is None and time.time() < deadline and proc.poll() is None:

@@ -158,3 +158,18 @@ def test_index_without_ray_never_imports_it(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("address, said", [("127.0.0.1:1", "cannot reach the Ray cluster at 127.0.0.1:1"),
+                                           ("nonsense", "is not a Ray cluster address")])
+def test_a_cluster_nobody_answers_at_is_refused_at_once(tmp_path, address, said):
+    pytest.importorskip("ray")
+    from click.testing import CliRunner
+
+    from retrieval.cli import cli
+
+    make_image(tmp_path / "photos" / "a.jpg")
+    res = CliRunner().invoke(cli, ["--index", str(tmp_path / "index"), "index", "--ray-address", address,
+                                   str(tmp_path / "photos")])
+    assert res.exit_code == 1
+    assert said in res.output
