@@ -96,12 +96,14 @@ def _check_reachable(address: str | None, timeout: float = 10.0) -> None:
 
 
 def encoder_pool(resources: dict, wanted: int | None) -> tuple[int, dict]:
-    """How many encoder actors, and the resources each asks for."""
+    """How many encoder actors, and the resources each asks for. CPU actors
+    leave at least one CPU to the decoding tasks (actors holding every CPU
+    would wait forever for images nobody decodes)."""
     gpus = int(resources.get("GPU", 0))
     if gpus:
         return (min(wanted, gpus) if wanted else gpus), {"num_gpus": 1}
     cpus = int(resources.get("CPU", 1))
-    return (wanted or max(1, cpus // 4)), {"num_cpus": 1}
+    return max(1, min(wanted or cpus // 4, cpus - 1)), {"num_cpus": 1}
 
 
 class RayRunner:

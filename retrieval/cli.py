@@ -133,7 +133,8 @@ def _print_images(hits, engine, under: str | None = None) -> None:
                    "this machine alone [default: RAY_ADDRESS, else the cluster `ray start` started here, else "
                    "local]. Implies --ray.")
 @click.option("--ray-encoders", type=click.IntRange(1, 4096), default=None,
-              help="Encoder actors on Ray [default: one per GPU, else one per 4 CPUs].")
+              help="Encoder actors on Ray [default: one per GPU, else one per 4 CPUs; CPU actors always leave "
+                   "one CPU for decoding].")
 @click.option("--ray-batch-size", type=click.IntRange(1, 65536), default=128, show_default=True,
               help="Images a Ray decoding task or encoder call takes at a time.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no per-file skip messages.")

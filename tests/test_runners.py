@@ -66,6 +66,7 @@ def test_encoder_pool_gives_each_gpu_an_actor_or_shares_the_cpus():
     assert encoder_pool({"CPU": 2}, None) == (1, {"num_cpus": 1})
     assert encoder_pool({"CPU": 32}, None) == (8, {"num_cpus": 1})
     assert encoder_pool({"CPU": 32}, 2) == (2, {"num_cpus": 1})
+    assert encoder_pool({"CPU": 2}, 2) == (1, {"num_cpus": 1})  # one CPU stays for decoding
 
 
 class EmbeddingRunner(LocalRunner):
