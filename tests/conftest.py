@@ -31,6 +31,11 @@ def flickr8k() -> Path:
     return _dataset("flickr8k")
 
 
+@pytest.fixture(scope="session")
+def zeroshot() -> Path:
+    return _dataset("zeroshot")
+
+
 @pytest.fixture
 def mini_images(mini_dataset, tmp_path) -> Path:
     """A private copy of the 32 full-size mini images (tests may move or delete them)."""
