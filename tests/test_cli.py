@@ -161,8 +161,7 @@ def test_retune_reranker_writes_a_loadable_checkpoint(tmp_path, flickr8k):
     changed but whose region projection (the stored tokens) did not."""
     import torch
 
-    from retrieval.encoders import builtin_models, create_encoder
-    from retrieval.training import checkpoint
+    from retrieval.encoders import builtin_models, checkpoint, create_encoder
 
     out = tmp_path / "retuned"
     res = CliRunner().invoke(cli, ["retune-reranker", "xmr-lite2", "--dataset", str(flickr8k), "--out", str(out),
@@ -202,8 +201,7 @@ def test_retune_reranker_from_another_model_with_crossfitting(tmp_path, flickr8k
     makes region tokens and its search reranks."""
     import numpy as np
 
-    from retrieval.encoders import create_encoder
-    from retrieval.training import checkpoint
+    from retrieval.encoders import checkpoint, create_encoder
 
     refused = CliRunner().invoke(cli, ["retune-reranker", "xmr-lite2-open", "--dataset", str(flickr8k),
                                        "--out", str(tmp_path / "no")])

@@ -113,7 +113,7 @@ def test_rerank_order_breaks_ties_by_first_stage():
 
 
 def test_checkpoint_roundtrip(tmp_path):
-    from retrieval.training import checkpoint
+    from retrieval.encoders import checkpoint
 
     model = CrossModalReranker(RerankerConfig(**CFG)).eval()
     checkpoint.save_checkpoint(tmp_path, {"fusion_weight": 3.0}, reranker=model)
@@ -133,9 +133,8 @@ def test_dual_checkpoint_with_a_partial_image_tower_is_refused(tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from retrieval.encoders import builtin_models
+    from retrieval.encoders import builtin_models, checkpoint
     from retrieval.errors import CheckpointError
-    from retrieval.training import checkpoint
 
     src = builtin_models()["xmr-lite2"]
     for name in ("config.json", "image.safetensors", "text.safetensors"):
@@ -393,10 +392,9 @@ def test_int8_graph_of_other_weights_is_not_used(tmp_path, caplog):
     warning; asking for int8 explicitly then fails with a fix in the message."""
     import onnx
 
-    from retrieval.encoders import builtin_models, onnx_runtime
+    from retrieval.encoders import builtin_models, checkpoint, onnx_runtime
     from retrieval.encoders.xmr import XmrEncoder
     from retrieval.errors import CheckpointError
-    from retrieval.training import checkpoint
 
     if not onnx_runtime.available():
         pytest.skip("onnxruntime/onnxscript not installed")
@@ -421,10 +419,9 @@ def test_int8_graph_of_other_weights_is_not_used(tmp_path, caplog):
 def test_quantize_a_checkpoint(tmp_path, mini_dataset, monkeypatch):
     """`xmr quantize`'s core: calibrate, check against fp32, stamp the weights,
     record it in config.json; the encoder then runs it."""
-    from retrieval.encoders import builtin_models, onnx_runtime
+    from retrieval.encoders import builtin_models, checkpoint, onnx_runtime
     from retrieval.encoders.preprocess import view_batch
     from retrieval.encoders.xmr import XmrEncoder
-    from retrieval.training import checkpoint
     from retrieval.training.quantize import quantize_checkpoint
 
     if not onnx_runtime.available():
@@ -494,9 +491,8 @@ def test_image_side_is_shared_by_text_side_changes_only_and_earlier_releases_fol
     the image side it was written for is still the checkpoint's."""
     import shutil
 
-    from retrieval.encoders import builtin_models, create_encoder
+    from retrieval.encoders import builtin_models, checkpoint, create_encoder
     from retrieval.encoders.xmr import XmrEncoder
-    from retrieval.training import checkpoint
 
     base = create_encoder("xmr-lite2", device="cpu")
     assert base.earlier_versions and base.version not in base.earlier_versions

@@ -61,8 +61,7 @@ def test_retune_text_head_keeps_the_image_side_and_can_be_upgraded_to(tmp_path, 
     the same (so the image side and the int8 graph hold and `xmr upgrade`
     applies), the word states the reranker reads are unchanged, and the text
     head and query bank are the ones the run chose."""
-    from retrieval.encoders import builtin_models, create_encoder
-    from retrieval.training import checkpoint
+    from retrieval.encoders import builtin_models, checkpoint, create_encoder
 
     out = tmp_path / "retuned"
     res = CliRunner().invoke(cli, ["retune-text-head", "xmr-lite2", "--dataset", str(flickr8k), "--out", str(out),

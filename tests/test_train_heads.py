@@ -14,8 +14,8 @@ import torch
 from click.testing import CliRunner
 
 from retrieval.cli import cli
+from retrieval.encoders import checkpoint
 from retrieval.encoders.xmr_model import XmrDualModel, XmrModelConfig
-from retrieval.training import checkpoint
 from retrieval.training.heads_job import extra_caption_pairs
 from retrieval.training.locked import class_names
 

@@ -104,7 +104,7 @@ class OnnxImagePath:
     def shipped_int8(cls, folder: str | Path, digest: str) -> "OnnxImagePath | None":
         """The int8 graph of a checkpoint folder, or None where it has none or it
         was made from other weights than ``digest`` names (then it says so)."""
-        from ..training.checkpoint import INT8_FILE
+        from .checkpoint import INT8_FILE
 
         path = Path(folder) / INT8_FILE
         if not path.is_file():

@@ -78,7 +78,7 @@ class XmrEncoder(DualEncoder):
         settings: ``views``, ``fusion_weight``, ``querybank``) replace the checkpoint's."""
         import json
 
-        from ..training import checkpoint
+        from . import checkpoint
         from .memory import MemorySettings
         from .querybank import QueryBank
 
@@ -131,7 +131,7 @@ class XmrEncoder(DualEncoder):
         (it hashes the image weights and the int8 graph: about 40 ms)."""
         if self.checkpoint_dir is None:
             return None
-        from ..training import checkpoint
+        from . import checkpoint
 
         return checkpoint.image_side_digest(self.checkpoint_dir)
 
@@ -194,7 +194,7 @@ class XmrEncoder(DualEncoder):
         return self._onnx
 
     def _shipped_int8(self):
-        from ..training import checkpoint
+        from . import checkpoint
         from .onnx_runtime import OnnxImagePath
 
         runner = None

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 from ..datasets import load_dataset, split_records
+from ..encoders import checkpoint
 from ..encoders.xmr_model import XmrDualModel, XmrModelConfig
 from ..errors import DatasetError
 from ..evaluation import with_bar
-from . import checkpoint
 from .features import cached_images, cached_texts
 from .locked import CLASS_TEMPLATES, ClassSetFeatures, HeadData, HeadOptions, class_names, fit_heads, initial_temperature
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..encoders import checkpoint
 from ..encoders.base import l2_normalize
-from . import checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -252,9 +252,9 @@ def retune_in_place(ckpt, dataset: str, images: str | None = None, opts: RetuneO
     config. ``source`` names the checkpoint it was copied from, if any.
     ``folds`` > 1 trains on cross-fitted image embeddings of the train split
     (:func:`crossfit_features`; models with an image head on a pooled tower)."""
+    from ..encoders import checkpoint
     from ..encoders.xmr import XmrEncoder
     from ..errors import CheckpointError
-    from . import checkpoint
     from .data import StepProgress, load_pixels, retuning_splits
 
     opts = opts or RetuneOptions()
@@ -296,8 +296,8 @@ def retune_checkpoint(src, out, dataset: str, images: str | None = None, opts: R
     """Copy checkpoint ``src`` to ``out`` and retune the copy's reranker
     (``xmr retune-reranker``); ``reranker_from``: a checkpoint whose reranker
     the copy starts from instead of its own (or for a model without one)."""
+    from ..encoders import checkpoint
     from ..errors import CheckpointError
-    from . import checkpoint
 
     if reranker_from is None and "reranker" not in checkpoint.read_config(src):
         raise CheckpointError(f"{src}: holds no reranker to retune; start from another checkpoint's "
@@ -314,8 +314,8 @@ def retune_checkpoint(src, out, dataset: str, images: str | None = None, opts: R
 def check_reranker_fits(model_dir, reranker_dir) -> None:
     """Refuse a reranker whose inputs (region levels, word states, joint
     embedding) do not have the shapes the model's towers and heads give."""
+    from ..encoders import checkpoint
     from ..errors import CheckpointError
-    from . import checkpoint
 
     source = checkpoint.read_config(reranker_dir)
     if "reranker" not in source:

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 
 from ..datasets import load_dataset, split_records
+from ..encoders import checkpoint
 from ..encoders.minilm import MiniLMTokenizer
 from ..encoders.xmr_model import IMAGE_TOWERS, XmrDualModel, XmrModelConfig
 from ..metrics import retrieval_report
-from . import checkpoint
 from .data import build_split
 from .dual import DualTrainOptions, train_dual
 from .rerank import (

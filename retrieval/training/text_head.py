@@ -221,9 +221,9 @@ def retune_text_head_in_place(ckpt, dataset: str, images: str | None = None, opt
     train split (dev selects) and save the head and the query bank it implies
     there (``xmr train``'s text_head stage); returns the summary written to
     its config. ``source`` names the checkpoint it was copied from, if any."""
+    from ..encoders import checkpoint
     from ..encoders.querybank import bank_rows
     from ..encoders.xmr import XmrEncoder
-    from . import checkpoint
     from .data import StepProgress, load_pixels, retuning_splits
 
     opts = opts or HeadOptions()
@@ -282,7 +282,7 @@ def retune_text_head_checkpoint(src, out, dataset: str, images: str | None = Non
                                 limit: int | None = None, progress_factory=None) -> dict:
     """Copy checkpoint ``src`` to ``out`` and retune the copy's text head
     (``xmr retune-text-head``)."""
-    from . import checkpoint
+    from ..encoders import checkpoint
 
     checkpoint.copy_checkpoint(src, out)
     return retune_text_head_in_place(out, dataset, images, opts, limit, progress_factory, source=src)

@@ -86,9 +86,9 @@ def choose_views_in_place(ckpt, dataset: str, images: str | None = None, limit: 
     """Choose the views of checkpoint folder ``ckpt`` on the dataset's dev
     split and write them there, with the query bank built for them when the
     checkpoint uses one; returns the summary written to its config."""
+    from ..encoders import checkpoint
     from ..encoders.memory import MemorySettings
     from ..encoders.xmr import XmrEncoder
-    from . import checkpoint
     from .data import load_pixels, retuning_splits
 
     t0 = time.time()

@@ -41,12 +41,12 @@ import torch
 import torch.nn.functional as F
 
 from ..datasets import load_dataset, split_records
+from ..encoders import checkpoint
 from ..encoders.base import embed_by_length
 from ..encoders.querybank import QueryBank, bank_rows
 from ..encoders.xmr_model import XmrDualModel, XmrModelConfig, build_image_tower
 from ..evaluation import with_bar
 from ..metrics import retrieval_report
-from . import checkpoint
 from .calibrate import corrected_scores
 from .features import cached_images
 from .heads_job import EVAL_VIEWS, ZERO_SHOT_TEMPLATE, extra_caption_pairs

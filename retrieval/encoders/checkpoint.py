@@ -196,7 +196,7 @@ def _load_into(module: torch.nn.Module, files: list[Path]) -> set[str]:
 
 
 def load_dual(ckpt_dir: str | os.PathLike, pretrained_towers: bool = True):
-    from ..encoders.xmr_model import XmrDualModel, XmrModelConfig
+    from .xmr_model import XmrDualModel, XmrModelConfig
 
     meta = read_config(ckpt_dir)
     if "model" not in meta:
