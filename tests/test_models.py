@@ -209,7 +209,8 @@ def test_text_memory_moves_recall_embeddings_but_not_the_rerankers(mini_dataset)
     np.testing.assert_allclose(enc.text_states(captions[:3])[0].numpy(), raw[:3], atol=1e-5)
     img = enc.encode_images([enc.prepare(decode_image(r.path, enc.input_size).image) for r in recs])
     with_memory, without = rsum(bank), rsum(bank.with_memory(None))
-    assert with_memory >= without - 3.0, (with_memory, without)  # 32 images: one caption is 0.6 points
+    # measured 569.4 against 566.9 (32 photos: one caption moves rsum by 0.6)
+    assert with_memory > without, (with_memory, without)
 
 
 def test_batched_text_embeddings_keep_input_order():
