@@ -307,13 +307,16 @@ class Indexer:
         runner only decoded; their region tokens reach disk first."""
         if not ok:
             return []
-        todo = [j for j, (_, d) in enumerate(ok) if not isinstance(d, Embedded)]
         vectors: list = [None] * len(ok)
         tokens: list = [None] * len(ok)
-        sizes = [(d.width, d.height) if isinstance(d, Embedded) else (d[1], d[2]) for _, d in ok]
+        sizes, todo = [], []
         for j, (_, d) in enumerate(ok):
             if isinstance(d, Embedded):
                 vectors[j], tokens[j] = d.vector, d.tokens
+                sizes.append((d.width, d.height))
+            else:  # (prepared, width, height): embedded here
+                sizes.append((d[1], d[2]))
+                todo.append(j)
         if todo:
             vecs, toks = self.embed([ok[j][1][0] for j in todo])
             for n, j in enumerate(todo):

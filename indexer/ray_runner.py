@@ -159,7 +159,7 @@ class RayRunner:
         actors, resources = encoder_pool(ray.cluster_resources(), self.options.encoders)
         ds = (ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // size, 256)))
               .map_batches(_examine_rows, batch_size=size, num_cpus=1,
-                           fn_kwargs={"gone": gone_ref, "draft_size": self.draft_size, "prepare": self.prepare},
+                           fn_kwargs={"gone_ref": gone_ref, "draft_size": self.draft_size, "prepare": self.prepare},
                            # a task whose worker died runs again, up to this many times (a file that
                            # crashes the decoder every time stops the run instead of looping); as
                            # their remote arguments differ, Ray keeps these tasks apart from the
@@ -203,13 +203,13 @@ def _list_unit(row: dict) -> list[dict]:
     return out
 
 
-def _examine_rows(batch: dict, gone, draft_size: int | None, prepare: Callable) -> dict:
+def _examine_rows(batch: dict, gone_ref, draft_size: int | None, prepare: Callable) -> dict:
     """Hash each file and decode it from the same bytes, unless it is unchanged
-    content or a move (``gone``: the hashes of vanished images)."""
-    if not isinstance(gone, frozenset):  # an object reference where Ray passed it through unresolved
-        import ray
+    content or a move (``gone_ref``: the object holding the hashes of
+    vanished images, put once; Ray Data hands it over unresolved)."""
+    import ray
 
-        gone = ray.get(gone)
+    gone = ray.get(gone_ref)
     results = []
     for path, size, known, stored in zip(batch["path"], batch["size"], batch["known"], batch["stored_sha"]):
         state = (0, 0, 0, str(stored)) if known else None

@@ -4,7 +4,6 @@ test-artifacts/."""
 
 import os
 import shutil
-import socket
 import threading
 import time
 
@@ -15,18 +14,13 @@ from retrieval.server import create_app
 
 from .conftest import ROOT, make_image
 from .fakes import COLORS, FakeEncoder
+from .postgres import free_port
 
 # on SQLite and on PostgreSQL (tests/conftest.py)
 pytestmark = pytest.mark.databases
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = ROOT / "test-artifacts"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -41,7 +35,7 @@ def server(tmp_path):
     caps = tmp_path / "c.txt"
     caps.write_text("a red square\na green square\na blue square\n")
     eng.import_captions(caps)
-    port = _free_port()
+    port = free_port()
     srv = uvicorn.Server(uvicorn.Config(create_app(eng), host="127.0.0.1", port=port, log_level="warning"))
     t = threading.Thread(target=srv.run, daemon=True)
     t.start()
